@@ -1,0 +1,272 @@
+"""One call's conversation with the engine: streaming replies, barge-in, memory across turns.
+
+    session = model.new_session(voice=(audio_24k, transcript), system_prompt="...")
+    async for chunk in session.respond(user_audio_16k):
+        play(chunk.audio)            # 24 kHz float32, frames chunk.frames
+    session.cancel()                 # barge-in: no chunk after this returns
+    session.heard(frames)            # what the caller actually heard of the cut reply
+
+Model steps run on the device's worker thread; results come back through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from .codec_stream import StreamingCodecDecoder
+from .generation import (
+    ResponseSteps,
+    Sampling,
+    ThinkerStream,
+    TokenFilter,
+    VoicePrompt,
+    build_voice_prompt,
+    prefill_thinker,
+    truncate_cache,
+)
+from .modeling import ChromaModel
+from .text import ChatLayout, Listener
+
+
+class DeviceWorker:
+    """The one thread that runs model steps for a device, so the event loop never blocks."""
+
+    _by_device: dict[str, DeviceWorker] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, name: str):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chroma-{name}")
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> DeviceWorker:
+        key = str(device)
+        with cls._lock:
+            if key not in cls._by_device:
+                cls._by_device[key] = cls(key)
+            return cls._by_device[key]
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _inference, fn, args)
+
+
+def _inference(fn: Callable, args: tuple):
+    with torch.inference_mode():
+        return fn(*args)
+
+
+@dataclass
+class AudioChunk:
+    audio: np.ndarray  # float32, 24 kHz mono
+    frames: tuple[int, int]  # [start, end) frame indices within the reply
+    text_tokens: list[int]  # text tokens consumed by frames < end
+    text: str  # those tokens as text
+    codes: torch.Tensor  # [end - start, num_codebooks]
+
+
+@dataclass
+class _Reply:
+    steps: ResponseSteps
+    thinker_cache_length: int  # thinker cache length at the start of the reply's text
+    thinker_next_position: int
+    frames_emitted: int = 0
+
+
+class VoiceLibraryCache:
+    """Backbone prefixes per voice, computed once per process and shared by every call."""
+
+    registry_lock = threading.Lock()
+
+    def __init__(self):
+        self._prompts: dict[str, VoicePrompt] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(audio_24k: np.ndarray, transcript: str) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(audio_24k, dtype=np.float32).tobytes())
+        digest.update(transcript.encode("utf-8"))
+        return digest.hexdigest()
+
+    def get(self, model: ChromaModel, tokenizer, audio_24k: np.ndarray, transcript: str) -> VoicePrompt:
+        key = self.key(audio_24k, transcript)
+        with self._lock:
+            if key not in self._prompts:
+                ids = torch.tensor(tokenizer.encode(transcript), dtype=torch.long)
+                audio = torch.from_numpy(np.ascontiguousarray(audio_24k, dtype=np.float32))
+                self._prompts[key] = build_voice_prompt(model, ids, audio)
+            return self._prompts[key]
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+
+class ChromaSession:
+    def __init__(
+        self,
+        model: ChromaModel,
+        tokenizer,
+        voice: tuple[np.ndarray, str],
+        system_prompt: str = "",
+        chunk_frames: int = 2,
+        lookahead: int = 3,
+        max_frames: int = 750,
+        sampling: Sampling | None = None,
+        token_filter: Callable[[], TokenFilter] | None = None,
+        reuse_voice_prompt: bool = True,
+    ):
+        if not 1 <= chunk_frames <= 4:
+            raise ValueError(f"chunk_frames is {chunk_frames}, expected 1 to 4")
+        audio, transcript = voice
+        if not transcript.strip():
+            raise ValueError("voice transcript is empty; the reference audio's transcript is required")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layout = ChatLayout(tokenizer)
+        self.listener = Listener(model.config.thinker_config.audio_config.num_mel_bins)
+        self.voice_audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        self.voice_transcript = transcript
+        self.chunk_frames = chunk_frames
+        self.lookahead = lookahead
+        self.max_frames = max_frames
+        self.sampling = sampling or Sampling()
+        self.token_filter = token_filter or TokenFilter
+        self.reuse_voice_prompt = reuse_voice_prompt
+        self.worker = DeviceWorker.for_device(model.device)
+        self.codec = StreamingCodecDecoder(model.codec_model)
+        self.thinker_cache = DynamicCache()
+        self.thinker_position = 0
+        self.pending_ids = self.layout.system(system_prompt) if system_prompt else []
+        self.history_ids: list[int] = []  # every id the thinker has read, in order (for inspection)
+        self.turns: list[str] = []  # the assistant text kept from each finished turn
+        self._reply: _Reply | None = None
+        self._heard_frames: int | None = None
+        self._cancelled = threading.Event()
+
+    # -- public API ------------------------------------------------------------
+
+    async def respond(self, user_audio_16k: np.ndarray) -> AsyncIterator[AudioChunk]:
+        """Stream the reply to one user turn as 24 kHz chunks."""
+        await self.worker.run(self._close_previous_reply)
+        self._cancelled.clear()
+        await self.worker.run(self._start_reply, np.asarray(user_audio_16k, dtype=np.float32).reshape(-1))
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+        producer = asyncio.create_task(self._produce(queue))
+        try:
+            while True:
+                chunk = await queue.get()
+                if chunk is None or self._cancelled.is_set():
+                    break
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                yield chunk
+        finally:
+            if not producer.done():
+                self._cancelled.set()
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+
+    def cancel(self) -> None:
+        """Barge-in: no further chunk is yielded, and generation stops within one step."""
+        self._cancelled.set()
+
+    def heard(self, frames: int) -> None:
+        """The caller heard `frames` frames of the last reply; the rest is forgotten."""
+        self._heard_frames = max(0, int(frames))
+
+    @property
+    def kept_text(self) -> str:
+        """The assistant text the conversation currently keeps for the last reply."""
+        if self._reply is None:
+            return self.turns[-1] if self.turns else ""
+        return self._text(self._kept_tokens())
+
+    # -- worker-thread parts -------------------------------------------------------
+
+    def _voice_prompt(self) -> VoicePrompt:
+        if self.reuse_voice_prompt:
+            return _voice_cache(self.model).get(self.model, self.tokenizer, self.voice_audio, self.voice_transcript)
+        ids = torch.tensor(self.tokenizer.encode(self.voice_transcript), dtype=torch.long)
+        return build_voice_prompt(self.model, ids, torch.from_numpy(self.voice_audio))
+
+    def _start_reply(self, user_audio: np.ndarray) -> None:
+        features, feature_mask = self.listener.features(user_audio)
+        audio_tokens = int(self.model.audio_token_count(feature_mask.sum(-1)).item())
+        segment = self.pending_ids + self.layout.user_audio_turn(audio_tokens)
+        self.pending_ids = []
+        ids = torch.tensor([segment], dtype=torch.long)
+        hidden, token, next_pos = prefill_thinker(
+            self.model, ids, self.thinker_cache, self.thinker_position, features, feature_mask
+        )
+        self.history_ids += segment
+        stream = ThinkerStream(
+            self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, self.token_filter()
+        )
+        steps = ResponseSteps(self.model, self._voice_prompt(), stream, self.max_frames, self.sampling)
+        self._reply = _Reply(steps, self.thinker_cache.get_seq_length(), next_pos)
+        self._heard_frames = None
+        self.codec.reset()
+
+    def _next_chunk(self) -> AudioChunk | None:
+        reply = self._reply
+        frames = []
+        while len(frames) < self.chunk_frames and not reply.steps.done and not self._cancelled.is_set():
+            codes = reply.steps.next_frame()
+            if codes is not None:
+                frames.append(codes)
+        if not frames:
+            return None
+        codes = torch.stack(frames)
+        audio = self.codec.decode(codes.T.unsqueeze(0))[0].float().cpu().numpy()
+        start = reply.frames_emitted
+        reply.frames_emitted += len(frames)
+        tokens = reply.steps.text_before(reply.frames_emitted)
+        return AudioChunk(audio, (start, reply.frames_emitted), tokens, self._text(tokens), codes.cpu())
+
+    def _kept_tokens(self) -> list[int]:
+        reply = self._reply
+        frames = reply.frames_emitted if self._heard_frames is None else min(self._heard_frames, reply.frames_emitted)
+        return [t for t in reply.steps.text_before(frames) if t != self.model.config.im_end_token_id]
+
+    def _close_previous_reply(self) -> None:
+        """Forget what the caller did not hear: cut the thinker back to the start of the reply
+        and queue the kept text, closed, ahead of the next user turn."""
+        if self._reply is None:
+            return
+        kept = self._kept_tokens()
+        truncate_cache(self.thinker_cache, self._reply.thinker_cache_length)
+        self.thinker_position = self._reply.thinker_next_position
+        self.pending_ids = self.layout.close_assistant(kept)
+        self.turns.append(self._text(kept))
+        self._reply = None
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t != self.model.config.im_end_token_id])
+
+    async def _produce(self, queue: asyncio.Queue) -> None:
+        try:
+            while not self._cancelled.is_set():
+                chunk = await self.worker.run(self._next_chunk)
+                await queue.put(chunk)
+                if chunk is None:
+                    return
+        except Exception as exc:  # surfaced to the consumer, never lost
+            await queue.put(exc)
+
+
+_VOICE_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _voice_cache(model: ChromaModel) -> VoiceLibraryCache:
+    with VoiceLibraryCache.registry_lock:
+        if model not in _VOICE_CACHES:
+            _VOICE_CACHES[model] = VoiceLibraryCache()
+        return _VOICE_CACHES[model]
