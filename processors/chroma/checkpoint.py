@@ -110,7 +110,8 @@ def _construct(config: ChromaConfig, device: torch.device, dtype: torch.dtype) -
     overwritten next). Building under the default dtype, as transformers does, keeps the
     rotary tables in float32 while parameters and codec buffers take `dtype`."""
     with no_init_weights(), torch.device(device), _default_dtype(dtype):
-        return ChromaModel(config)
+        model = ChromaModel(config)
+    return model.requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
 
 
 def build_tiny(

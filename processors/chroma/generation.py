@@ -287,12 +287,18 @@ def generate_codes(
     return out
 
 
+def codec_codes(model: ChromaModel, codes: torch.Tensor) -> torch.Tensor:
+    """The audio vocabulary has specials above the codec's codebook (pad 2050 in the released
+    model); the codec cannot index them, so they are played as code 0."""
+    return codes.masked_fill(codes >= model.config.codec_config.codebook_size, 0)
+
+
 @torch.inference_mode()
 def decode_codes(model: ChromaModel, codes: torch.Tensor) -> torch.Tensor:
     """codes [B, T, n] -> 24 kHz audio [B, T * frame]; pad frames become silence."""
     cfg = model.config
     pad = codes == cfg.codebook_pad_token_id
-    clean = codes.masked_fill(pad, 0).to(model.device)
+    clean = codec_codes(model, codes).to(model.device)
     audio = model.codec_model.decode(clean.transpose(1, 2)).audio_values[:, 0].float()
     frame_is_pad = pad.all(-1)  # [B, T]
     sample_is_pad = frame_is_pad.repeat_interleave(cfg.audio_frame_freq, dim=1).to(audio.device)

@@ -27,10 +27,12 @@ from .codec_stream import StreamingCodecDecoder
 from .generation import (
     ResponseSteps,
     Sampling,
+    StepTrace,
     ThinkerStream,
     TokenFilter,
     VoicePrompt,
     build_voice_prompt,
+    codec_codes,
     prefill_thinker,
     truncate_cache,
 )
@@ -183,6 +185,11 @@ class ChromaSession:
         self._heard_frames = max(0, int(frames))
 
     @property
+    def trace(self) -> list[StepTrace]:
+        """What entered the backbone at each step of the current or last reply."""
+        return list(self._reply.steps.trace) if self._reply else []
+
+    @property
     def kept_text(self) -> str:
         """The assistant text the conversation currently keeps for the last reply."""
         if self._reply is None:
@@ -225,7 +232,7 @@ class ChromaSession:
         if not frames:
             return None
         codes = torch.stack(frames)
-        audio = self.codec.decode(codes.T.unsqueeze(0))[0].float().cpu().numpy()
+        audio = self.codec.decode(codec_codes(self.model, codes).T.unsqueeze(0))[0].float().cpu().numpy()
         start = reply.frames_emitted
         reply.frames_emitted += len(frames)
         tokens = reply.steps.text_before(reply.frames_emitted)

@@ -1,0 +1,180 @@
+"""The `chroma-agent` command line.
+
+    chroma-agent speak --model tiny --voice-audio ref.wav --voice-text "..." \\
+        --input user.wav --output reply.wav
+
+Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
+`run` to a function taking the parsed args and returning an exit code; list it in
+`SUBCOMMANDS`. A `UsageError` raised anywhere in a command prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .wavfile import WavError, read_wav, write_wav
+
+PROG = "chroma-agent"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Something the user can fix (a flag, a file); printed as one line, exit code 2."""
+
+
+# -- speak -------------------------------------------------------------------
+
+
+def _add_speak(subparsers) -> None:
+    p = subparsers.add_parser(
+        "speak",
+        help="answer one recorded user turn in a cloned voice, streamed, and write the reply as WAV",
+        description="Answer one recorded user turn (USER.wav) in the voice of REF.wav and write the "
+        "reply to a 24 kHz 16-bit mono WAV, printing time to first audio and real-time factor.",
+    )
+    p.add_argument("--model", default="tiny", help="'tiny', a checkpoint folder or a Hugging Face id (default: tiny)")
+    p.add_argument("--voice-audio", required=True, metavar="REF.wav", help="reference recording of the voice (16-bit PCM WAV)")
+    p.add_argument("--voice-text", required=True, metavar="TEXT", help="transcript of the reference recording")
+    p.add_argument("--input", required=True, metavar="USER.wav", help="the user's turn (16-bit PCM WAV)")
+    p.add_argument("--output", required=True, metavar="REPLY.wav", help="where to write the reply (24 kHz 16-bit mono)")
+    p.add_argument("--system-prompt", default="", metavar="TEXT", help="system prompt for the conversation")
+    p.add_argument("--max-frames", type=int, default=250, metavar="N", help="cap on reply frames, 80 ms each (default: 250)")
+    p.add_argument("--chunk-frames", type=int, default=2, metavar="N", help="frames per streamed chunk, 1 to 4 (default: 2)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda", help="device (default: cuda if available, else cpu)")
+    p.set_defaults(run=_run_speak)
+
+
+def _run_speak(args: argparse.Namespace) -> int:
+    from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
+
+    if not 1 <= args.chunk_frames <= 4:
+        raise UsageError(f"--chunk-frames is {args.chunk_frames}, expected 1 to 4")
+    if args.max_frames < 1:
+        raise UsageError(f"--max-frames is {args.max_frames}, expected a positive number of frames")
+    if not args.voice_text.strip():
+        raise UsageError("--voice-text is empty, expected the transcript of --voice-audio")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: folder {output.parent} does not exist")
+    if output.is_dir():
+        raise UsageError(f"--output {output}: is a folder, expected a file name for the reply WAV")
+    device = _device(args.device)
+    voice_audio = _read(args.voice_audio, "--voice-audio", SAMPLE_RATE)
+    user_audio = _read(args.input, "--input", LISTEN_RATE)
+
+    model = _load(args.model, device)
+    print(f"model: {model.source} on {model.device} ({str(model.dtype).removeprefix('torch.')})")
+    if model.config.is_tiny:
+        print("note: 'tiny' is a random miniature for tests; it produces noise, not speech")
+
+    session = model.new_session(
+        voice=(voice_audio, args.voice_text),
+        system_prompt=args.system_prompt,
+        chunk_frames=args.chunk_frames,
+        max_frames=args.max_frames,
+    )
+    reply = asyncio.run(_stream(session, user_audio))
+    frames, audio = reply["frames"], reply["audio"]
+    write_wav(output, audio, SAMPLE_RATE)
+
+    audio_seconds = audio.size / SAMPLE_RATE
+    ttfa = reply["first_audio_s"]
+    print(f"time to first audio: {ttfa * 1000:.0f} ms" if ttfa is not None else "time to first audio: n/a (no audio)")
+    print(f"frames: {frames}")
+    print(f"audio: {audio_seconds:.2f} s")
+    print(f"generation wall time: {reply['wall_s']:.2f} s")
+    rtf = f"{reply['wall_s'] / audio_seconds:.2f}" if audio_seconds > 0 else "n/a (no audio)"
+    print(f"real-time factor: {rtf} (wall time / audio seconds; below 1 is faster than real time)")
+    if frames >= args.max_frames:
+        print(f"note: the reply was cut at --max-frames {args.max_frames}")
+    print(f"reply text: {reply['text']!r}")
+    print(f"wrote {output}")
+    return 0
+
+
+async def _stream(session, user_audio: np.ndarray) -> dict:
+    pieces, frames, text, first = [], 0, "", None
+    started = time.perf_counter()
+    async for chunk in session.respond(user_audio):
+        if first is None:
+            first = time.perf_counter() - started
+        pieces.append(chunk.audio)
+        frames, text = chunk.frames[1], chunk.text
+    wall = time.perf_counter() - started
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return {"audio": audio, "frames": frames, "text": text, "first_audio_s": first, "wall_s": wall}
+
+
+# -- shared helpers --------------------------------------------------------------
+
+
+def _read(path: str, flag: str, rate: int) -> np.ndarray:
+    try:
+        return read_wav(path, rate)
+    except WavError as exc:
+        raise UsageError(f"{flag} {exc}") from None
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device is {name!r}, expected cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device is {name!r}, expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device is {name!r}, but CUDA is not available here; expected cpu")
+    return device
+
+
+def _load(source: str, device):
+    from processors.chroma.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(source, device=device)
+    except CheckpointError as exc:
+        raise UsageError(f"--model: {exc}") from None
+
+
+# -- entry point -------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable] = [_add_speak]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Voice agents on the FlashLabs Chroma speech-to-speech model.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a malformed command line (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
