@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from processors.chroma.generation import ResponseSteps, Sampling, ThinkerStream, build_voice_prompt, prefill_thinker
+from processors.chroma.generation import (
+    ResponseSteps,
+    Sampling,
+    ThinkerStream,
+    build_voice_prompt,
+    prefill_thinker,
+)
 from tests.conftest import processor_inputs, user_audio
 
 
