@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from processors.chroma.checkpoint import default_device, default_dtype, load_model
 from processors.chroma.codec_stream import StreamingCodecDecoder
@@ -75,7 +76,7 @@ def make_audio(seconds: float, rate: int, seed: int) -> np.ndarray:
     """A voiced-ish test signal (two tones with vibrato, plus noise): deterministic, not silent."""
     rng = np.random.RandomState(seed)
     t = np.arange(int(seconds * rate)) / rate
-    f0 = 140 + 20 * np.sin(2 * np.pi * 3 * t) + 10 * seed % 40
+    f0 = 140 + 20 * np.sin(2 * np.pi * 3 * t) + (10 * seed) % 40
     phase = 2 * np.pi * np.cumsum(f0) / rate
     audio = 0.25 * np.sin(phase) + 0.1 * np.sin(3 * phase) + 0.03 * rng.randn(t.size)
     return audio.astype(np.float32)
@@ -208,14 +209,12 @@ class EngineBench:
         layout = ChatLayout(model.tokenizer)
         ids_text = torch.tensor(model.tokenizer.encode(VOICE_TEXT), dtype=torch.long)
         voice = build_voice_prompt(model, ids_text, torch.from_numpy(self.voice))
-        steps_ms, backbone, decoder, thinker, frames_total = [], 0.0, 0.0, 0.0, 0
+        steps_ms, decoder, thinker, frames_total = [], 0.0, 0.0, 0
         for _ in range(self.args.repeats):
             with torch.inference_mode(), _timed_calls(self.clock) as timers:
                 features, mask = listener.features(self.user)
                 n_audio = int(model.audio_token_count(mask.sum(-1)).item())
                 ids = torch.tensor([layout.system(SYSTEM_PROMPT) + layout.user_audio_turn(n_audio)])
-                from transformers import DynamicCache
-
                 cache = DynamicCache()
                 hidden, token, next_pos = prefill_thinker(model, ids, cache, 0, features, mask)
                 stream = ThinkerStream(model, cache, next_pos, hidden, token)
@@ -351,9 +350,9 @@ def table(r: dict, args) -> str:
     row("streamed codes == generate_codes codes (greedy)", "yes" if r["stream_codes_equal_batch"] else "no")
     row("step time per frame, median (backbone + decoder + thinker share)", f"{r['step_ms_median']:.2f} ms"
         f" (mean {r['step_ms_mean']:.2f})")
-    row("&nbsp;&nbsp;backbone, mean per frame", f"{r['backbone_ms_per_frame']:.2f} ms")
-    row("&nbsp;&nbsp;depth decoder, mean per frame", f"{r['decoder_ms_per_frame']:.2f} ms")
-    row("&nbsp;&nbsp;thinker share, mean per frame", f"{r['thinker_ms_per_frame']:.2f} ms")
+    row("step part: backbone, mean per frame", f"{r['backbone_ms_per_frame']:.2f} ms")
+    row("step part: depth decoder, mean per frame", f"{r['decoder_ms_per_frame']:.2f} ms")
+    row("step part: thinker share, mean per frame", f"{r['thinker_ms_per_frame']:.2f} ms")
     c = r["codec_chunk_ms"]
     row("codec streaming decode per chunk, chunk_frames=1 / 2 / 4", f"{c[1]:.2f} / {c[2]:.2f} / {c[4]:.2f} ms")
     row(f"real-time factor, streaming {n}-frame reply (wall / audio s)", f"{r['rtf']:.3f}"
@@ -390,6 +389,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.turns < 2:
         p.error("--turns must be at least 2 to compare a later turn with the first")
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available in this torch build / on this machine")
     return args
 
 
