@@ -36,7 +36,7 @@ from processors.chroma.generation import (
     codec_codes,
     prefill_thinker,
 )
-from processors.chroma.text import ChatLayout, Listener
+from processors.chroma.text import processor_inputs
 
 SYSTEM_PROMPT = "You are a helpful voice agent. Answer briefly."
 VOICE_TEXT = "Hello, this is the reference recording of my voice for the benchmark."
@@ -82,22 +82,9 @@ def make_audio(seconds: float, rate: int, seed: int) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def processor_inputs(model, voice_audio: np.ndarray, voice_text: str, user_audio: np.ndarray, system_prompt: str):
-    """The tensors the released processor produces for one turn: what the session builds internally."""
-    listener = Listener(model.config.thinker_config.audio_config.num_mel_bins)
-    features, mask = listener.features(user_audio)
-    layout = ChatLayout(model.tokenizer)
-    n_audio = int(model.audio_token_count(mask.sum(-1)).item())
-    ids = torch.tensor([layout.system(system_prompt) + layout.user_audio_turn(n_audio)], dtype=torch.long)
-    text = torch.tensor([model.tokenizer.encode(voice_text)], dtype=torch.long)
-    return {
-        "thinker_input_ids": ids,
-        "thinker_input_features": features,
-        "thinker_feature_attention_mask": mask,
-        "input_ids": text,
-        "input_values": torch.from_numpy(voice_audio).view(1, 1, -1),
-        "input_values_cutoffs": torch.tensor([voice_audio.size]),
-    }
+def bench_inputs(model, voice_audio: np.ndarray, user_audio: np.ndarray) -> dict:
+    """The released processor's tensors for the benchmark's turn: what the session builds internally."""
+    return processor_inputs(model, (voice_audio, VOICE_TEXT), user_audio, SYSTEM_PROMPT)
 
 
 # -- streaming session runs --------------------------------------------------------------
@@ -158,7 +145,7 @@ class EngineBench:
         self.log("warming up")
         for _ in range(2):
             asyncio.run(stream_reply(self.session(max_frames=6), self.user, self.clock))
-        inputs = processor_inputs(self.model, self.voice, VOICE_TEXT, self.user, SYSTEM_PROMPT)
+        inputs = bench_inputs(self.model, self.voice, self.user)
         self.model.decode_codes(self.model.generate_codes(inputs, 6))
         asyncio.run(stream_reply(self.session(max_frames=4, reuse_voice_prompt=False), self.user, self.clock, True))
 
@@ -174,7 +161,7 @@ class EngineBench:
                 if cf == 2:
                     full.append(run)
         self.log(f"generate_codes({n}) then decode_codes, same inputs")
-        inputs = processor_inputs(self.model, self.voice, VOICE_TEXT, self.user, SYSTEM_PROMPT)
+        inputs = bench_inputs(self.model, self.voice, self.user)
         batch, batch_gen = [], []
         for _ in range(a.repeats):
             t0 = self.clock.now()
@@ -205,16 +192,14 @@ class EngineBench:
         shared out per frame)."""
         self.log("per-frame step costs")
         model, n = self.model, self.args.frames
-        listener = Listener(model.config.thinker_config.audio_config.num_mel_bins)
-        layout = ChatLayout(model.tokenizer)
+        inputs = bench_inputs(model, self.voice, self.user)
         ids_text = torch.tensor(model.tokenizer.encode(VOICE_TEXT), dtype=torch.long)
         voice = build_voice_prompt(model, ids_text, torch.from_numpy(self.voice))
         steps_ms, decoder, thinker, frames_total = [], 0.0, 0.0, 0
         for _ in range(self.args.repeats):
             with torch.inference_mode(), _timed_calls(self.clock) as timers:
-                features, mask = listener.features(self.user)
-                n_audio = int(model.audio_token_count(mask.sum(-1)).item())
-                ids = torch.tensor([layout.system(SYSTEM_PROMPT) + layout.user_audio_turn(n_audio)])
+                ids = inputs["thinker_input_ids"]
+                features, mask = inputs["thinker_input_features"], inputs["thinker_feature_attention_mask"]
                 cache = DynamicCache()
                 hidden, token, next_pos = prefill_thinker(model, ids, cache, 0, features, mask)
                 stream = ThinkerStream(model, cache, next_pos, hidden, token)

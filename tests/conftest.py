@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-import torch
 
+from processors.chroma import text
 from processors.chroma.checkpoint import load_model
-from processors.chroma.text import ChatLayout, Listener
 
 
 @pytest.fixture(scope="session")
@@ -25,20 +24,4 @@ def user_audio(seconds: float, seed: int) -> np.ndarray:
 
 def processor_inputs(model, voice, audio_16k, system_prompt="You are a helpful agent."):
     """The tensors the released processor would produce for one turn."""
-    listener = Listener(model.config.thinker_config.audio_config.num_mel_bins)
-    features, mask = listener.features(audio_16k)
-    layout = ChatLayout(model.tokenizer)
-    n_audio = int(model.audio_token_count(mask.sum(-1)))
-    ids = torch.tensor([layout.system(system_prompt) + layout.user_audio_turn(n_audio)])
-    ref, transcript = voice
-    text = torch.tensor([model.tokenizer.encode(transcript)])
-    return {
-        "thinker_input_ids": ids,
-        "thinker_attention_mask": torch.ones_like(ids),
-        "thinker_input_features": features,
-        "thinker_feature_attention_mask": mask,
-        "input_ids": text,
-        "attention_mask": torch.ones_like(text),
-        "input_values": torch.from_numpy(ref).view(1, 1, -1),
-        "input_values_cutoffs": torch.tensor([ref.size]),
-    }
+    return text.processor_inputs(model, voice, audio_16k, system_prompt)

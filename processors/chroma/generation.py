@@ -214,12 +214,10 @@ class ResponseSteps:
         self.trace.append(StepTrace(self.step, self._previous is not None, token_id, codes.tolist()))
         self.step += 1
         self._previous = codes
-        eos = self.model.config.codebook_eos_token_id
-        if bool((codes[:-1] == eos).all()) or self.step >= self.max_frames:
+        is_eos = (codes == self.model.config.codebook_eos_token_id).tolist()
+        if all(is_eos[:-1]) or self.step >= self.max_frames:
             self.done = True
-        if bool((codes == eos).all()):
-            return None
-        return codes
+        return None if all(is_eos) else codes
 
     def text_before(self, frames: int) -> list[int]:
         """Text tokens consumed by the first `frames` frames (token entering at step s belongs to frame s)."""

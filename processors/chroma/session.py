@@ -133,7 +133,7 @@ class ChromaSession:
         self.model = model
         self.tokenizer = tokenizer
         self.layout = ChatLayout(tokenizer)
-        self.listener = Listener(model.config.thinker_config.audio_config.num_mel_bins)
+        self.listener = Listener(model)
         self.voice_audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         self.voice_transcript = transcript
         self.chunk_frames = chunk_frames
@@ -157,8 +157,6 @@ class ChromaSession:
 
     async def respond(self, user_audio_16k: np.ndarray) -> AsyncIterator[AudioChunk]:
         """Stream the reply to one user turn as 24 kHz chunks."""
-        await self.worker.run(self._close_previous_reply)
-        self._cancelled.clear()
         await self.worker.run(self._start_reply, np.asarray(user_audio_16k, dtype=np.float32).reshape(-1))
         queue: asyncio.Queue = asyncio.Queue(maxsize=2)
         producer = asyncio.create_task(self._produce(queue))
@@ -205,8 +203,11 @@ class ChromaSession:
         return build_voice_prompt(self.model, ids, torch.from_numpy(self.voice_audio))
 
     def _start_reply(self, user_audio: np.ndarray) -> None:
-        features, feature_mask = self.listener.features(user_audio)
-        audio_tokens = int(self.model.audio_token_count(feature_mask.sum(-1)).item())
+        # Runs after any step a cancelled reply still had in flight on this worker, so clearing
+        # the flag here cannot let that reply go on.
+        self._close_previous_reply()
+        self._cancelled.clear()
+        features, feature_mask, audio_tokens = self.listener.hear(user_audio)
         segment = self.pending_ids + self.layout.user_audio_turn(audio_tokens)
         self.pending_ids = []
         ids = torch.tensor([segment], dtype=torch.long)
@@ -256,7 +257,7 @@ class ChromaSession:
         self._reply = None
 
     def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode([t for t in tokens if t != self.model.config.im_end_token_id])
+        return self.tokenizer.decode(tokens)  # both tokenizers skip special ids such as im_end
 
     async def _produce(self, queue: asyncio.Queue) -> None:
         try:

@@ -90,10 +90,17 @@ class ChatLayout:
 
 
 class Listener:
-    """16 kHz audio -> the thinker's 128-bin log-mel features."""
+    """16 kHz audio -> the thinker's 128-bin log-mel features and its audio-token count."""
 
-    def __init__(self, num_mel_bins: int):
+    def __init__(self, model):
+        self.model = model
+        num_mel_bins = model.config.thinker_config.audio_config.num_mel_bins
         self._fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=LISTEN_RATE)
+
+    def hear(self, audio_16k) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (features, feature mask, number of audio placeholder tokens the chat needs)."""
+        features, mask = self.features(audio_16k)
+        return features, mask, int(self.model.audio_token_count(mask.sum(-1)).item())
 
     def features(self, audio_16k: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (input_features [1, mels, frames], feature_attention_mask [1, frames])."""
@@ -104,3 +111,24 @@ class Listener:
             audio, sampling_rate=LISTEN_RATE, return_tensors="pt", padding="longest", return_attention_mask=True
         )
         return out["input_features"], out["attention_mask"]
+
+
+def processor_inputs(model, voice: tuple[np.ndarray, str], user_audio_16k, system_prompt: str = "") -> dict:
+    """The tensors the released processor produces for one first turn (the conformance seam's
+    input), built exactly as a session builds its first turn."""
+    features, mask, audio_tokens = Listener(model).hear(user_audio_16k)
+    layout = ChatLayout(model.tokenizer)
+    ids = torch.tensor([(layout.system(system_prompt) if system_prompt else []) + layout.user_audio_turn(audio_tokens)])
+    ref, transcript = voice
+    ref = np.asarray(ref, dtype=np.float32).reshape(-1)
+    text = torch.tensor([model.tokenizer.encode(transcript)])
+    return {
+        "thinker_input_ids": ids,
+        "thinker_attention_mask": torch.ones_like(ids),
+        "thinker_input_features": features,
+        "thinker_feature_attention_mask": mask,
+        "input_ids": text,
+        "attention_mask": torch.ones_like(text),
+        "input_values": torch.from_numpy(ref).view(1, 1, -1),
+        "input_values_cutoffs": torch.tensor([ref.size]),
+    }

@@ -97,7 +97,7 @@ def test_cancel_stops_within_one_step_and_keeps_only_heard_text(tiny, voice):
 
 @torch.inference_mode()
 def _reply_from_scratch(model, voice, history_ids, audios, frames):
-    listener = Listener(model.config.thinker_config.audio_config.num_mel_bins)
+    listener = Listener(model)
     feats = [listener.features(a) for a in audios]
     longest = max(f.shape[-1] for f, _ in feats)
     features = torch.cat([torch.nn.functional.pad(f, (0, longest - f.shape[-1])) for f, _ in feats])
