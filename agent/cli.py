@@ -1,5 +1,7 @@
 """The `chroma-agent` command line.
 
+    chroma-agent serve examples/agents/demo/agent.yaml            # talk to it at http://127.0.0.1:8080
+    chroma-agent call AGENT.yaml --input caller.wav --output call.wav
     chroma-agent speak --model tiny --voice-audio ref.wav --voice-text "..." \\
         --input user.wav --output reply.wav
 
@@ -112,6 +114,94 @@ async def _stream(session, user_audio: np.ndarray) -> dict:
     return {"audio": audio, "frames": frames, "text": text, "first_audio_s": first, "wall_s": wall}
 
 
+# -- serve / call ---------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run an agent: a web page to talk to it over WebRTC, health and metrics",
+        description="Load AGENT.yaml and its model once, then serve the agent: a page at / to talk to it "
+        "from a browser (WebRTC), /healthz and /metrics (Prometheus).",
+    )
+    p.add_argument("agent", metavar="AGENT.yaml", help="the agent file")
+    p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port is {args.port}, expected 1 to 65535")
+    runtime = _runtime(args.agent, args.model)
+    print(f"agent {runtime.spec.name!r}: model {runtime.model.source} on {runtime.model.device}")
+    print(f"open http://{args.host}:{args.port}/ to talk to it")
+    serve(runtime, host=args.host, port=args.port)
+    return 0
+
+
+def _add_call(subparsers) -> None:
+    p = subparsers.add_parser(
+        "call",
+        help="run one simulated call from a WAV through the agent's real pipeline, offline",
+        description="Play CALLER.wav into the agent as a caller would (in real time, with VAD, end of "
+        "turn and barge-in) and write the agent's side of the call, with its timing and silences, to "
+        "OUT.wav.",
+    )
+    p.add_argument("agent", metavar="AGENT.yaml", help="the agent file")
+    p.add_argument("--input", required=True, metavar="CALLER.wav", help="what the caller says (16-bit PCM WAV, any rate)")
+    p.add_argument("--output", required=True, metavar="OUT.wav", help="where to write the agent's audio (16-bit mono)")
+    p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
+    p.add_argument("--rate", type=int, default=24000, choices=(8000, 16000, 24000, 48000), help="output sample rate (default: 24000)")
+    p.set_defaults(run=_run_call)
+
+
+def _run_call(args: argparse.Namespace) -> int:
+    from .simulate import simulate_call
+    from .wavfile import read_wav_native
+
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: folder {output.parent} does not exist")
+    try:
+        caller, caller_rate = read_wav_native(args.input)
+    except WavError as exc:
+        raise UsageError(f"--input {exc}") from None
+    runtime = _runtime(args.agent, args.model)
+    print(f"calling agent {runtime.spec.name!r} with {args.input} ({caller.size / caller_rate:.1f} s, real time)")
+    call, recording, _ = asyncio.run(simulate_call(runtime, caller, caller_rate, out_rate=args.rate))
+    stats = call.stats
+    write_wav(output, recording.astype(np.float32) / 32768.0, args.rate)
+    print(stats.summary())
+    for i, text in enumerate(stats.texts, 1):
+        print(f"turn {i}: {text!r}")
+    print(f"wrote {output} ({recording.size / args.rate:.1f} s)")
+    return 0
+
+
+def _runtime(agent_path: str, model: str | None):
+    from .runtime import AgentRuntime
+    from .spec import AgentFileError, load_agent
+
+    try:
+        spec = load_agent(agent_path, model=model)
+    except AgentFileError as exc:
+        raise UsageError(str(exc)) from None
+    except FileNotFoundError:
+        raise UsageError(f"{agent_path}: no such agent file") from None
+    from processors.chroma.checkpoint import CheckpointError
+
+    try:
+        return AgentRuntime(spec)
+    except WavError as exc:
+        raise UsageError(f"{agent_path}: voice.audio: {exc}") from None
+    except CheckpointError as exc:
+        raise UsageError(f"{agent_path}: model: {exc}") from None
+
+
 # -- shared helpers --------------------------------------------------------------
 
 
@@ -149,7 +239,7 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_speak]
+SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,6 +136,7 @@ class ChromaSession:
         self.listener = Listener(model)
         self.voice_audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         self.voice_transcript = transcript
+        self.system_prompt = system_prompt
         self.chunk_frames = chunk_frames
         self.lookahead = lookahead
         self.max_frames = max_frames
@@ -173,6 +174,10 @@ class ChromaSession:
                 self._cancelled.set()
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
+
+    def instruct(self, text: str) -> None:
+        """A system instruction the thinker reads before the next user turn (a flow node's task)."""
+        self.pending_ids = self.pending_ids + self.layout.system(text)
 
     def cancel(self) -> None:
         """Barge-in: no further chunk is yielded, and generation stops within one step."""
@@ -252,7 +257,7 @@ class ChromaSession:
         kept = self._kept_tokens()
         truncate_cache(self.thinker_cache, self._reply.thinker_cache_length)
         self.thinker_position = self._reply.thinker_next_position
-        self.pending_ids = self.layout.close_assistant(kept)
+        self.pending_ids = self.layout.close_assistant(kept) + self.pending_ids  # then instructions given meanwhile
         self.turns.append(self._text(kept))
         self._reply = None
 

@@ -1,0 +1,223 @@
+"""The agent at run time: one model per process, one pipeline and one engine session per call.
+
+    runtime = AgentRuntime(load_agent("agent.yaml"))      # loads the model once
+    call = runtime.new_call(transport, kind="webrtc")     # any pipecat transport
+    stats = await call.run()                              # returns when the call ends; frees the session
+
+A call's frames:  transport.input → user turn (VAD + end of turn) → ChromaS2SService
+                  → transport.output → PlayoutTracker → assistant context
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.file_download import _CACHED_NO_EXIST
+from loguru import logger
+from pipecat.frames.frames import EndFrame, OutputTransportMessageUrgentFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.transports.base_transport import BaseTransport
+from pipecat.workers.runner import WorkerRunner
+
+from processors.chroma.checkpoint import load_model
+from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
+from processors.chroma.generation import Sampling
+from processors.chroma.service import ChromaS2SService
+from processors.playout import PlayoutTracker
+from processors.turn import user_turn_strategies
+from processors.vad import make_vad_analyzer
+
+from .metrics import ServerMetrics
+from .spec import AgentSpec
+from .wavfile import read_wav
+
+STAND_IN_NOTICE = (
+    "model 'tiny' is a seeded random miniature of Chroma: the agent hears and answers, but its voice "
+    "is an untrained stand-in (noise), not speech. Pass --model FlashLabs/Chroma-4B (or a folder) for real speech."
+)
+
+_call_ids = itertools.count(1)
+
+
+def model_source(source: str) -> str:
+    """The model to load: a Hugging Face id is used when there is a GPU or its weights are already
+    downloaded; otherwise (a CPU-only machine that would fetch 4B weights it can barely run) the
+    tiny stand-in, said plainly."""
+    if source == "tiny" or Path(source).is_dir() or torch.cuda.is_available():
+        return source
+    if try_to_load_from_cache(source, "config.json") not in (None, _CACHED_NO_EXIST):
+        return source
+    logger.warning(
+        f"no GPU here and {source} is not downloaded, so the tiny stand-in runs instead; to run {source} "
+        f"on this machine anyway, download it first (huggingface-cli download {source})"
+    )
+    return "tiny"
+
+
+@dataclass
+class CallStats:
+    call_id: str
+    kind: str
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    turns: int = 0
+    barge_ins: int = 0
+    ttfa: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    cut_replies: list[tuple[int, int]] = field(default_factory=list)  # (frames heard, frames sent) per barge-in
+
+    def summary(self) -> str:
+        duration = (self.ended or time.monotonic()) - self.started
+        ttfa = ", ".join(f"{t * 1000:.0f}" for t in self.ttfa) or "-"
+        return (
+            f"call {self.call_id} ({self.kind}) ended: {duration:.1f} s, {self.turns} turns, "
+            f"{self.barge_ins} barge-ins, time to first audio per turn (ms): {ttfa}"
+        )
+
+
+class AgentRuntime:
+    def __init__(self, spec: AgentSpec, *, model=None, metrics: ServerMetrics | None = None):
+        self.spec = spec
+        if model is None:
+            device = None if spec.device == "auto" else spec.device
+            source = model_source(spec.model_source)
+            logger.info(f"loading model {source!r} for agent {spec.name!r}")
+            model = load_model(source, device=device)
+        self.model = model
+        self.stand_in = bool(model.config.is_tiny)
+        if self.stand_in:
+            logger.warning(STAND_IN_NOTICE)
+        self.voice = (read_wav(spec.voice.audio_path, SAMPLE_RATE), spec.voice.transcript_text)
+        self.metrics = metrics or ServerMetrics()
+        self.calls: dict[str, Call] = {}
+
+    def new_session(self):
+        r = self.spec.response
+        sampling = Sampling(do_sample=r.temperature > 0, temperature=r.temperature or 1.0, top_k=r.top_k)
+        return self.model.new_session(
+            self.voice,
+            self.spec.system_prompt,
+            chunk_frames=r.chunk_frames,
+            lookahead=r.lookahead,
+            max_frames=r.max_frames,
+            sampling=sampling,
+        )
+
+    def new_call(self, transport: BaseTransport, *, kind: str, call_id: str | None = None, out_rate: int | None = None):
+        call_id = call_id or f"{kind}-{next(_call_ids)}"
+        call = Call(self, transport, kind, call_id, out_rate or SAMPLE_RATE)
+        self.calls[call_id] = call
+        return call
+
+
+class Call:
+    def __init__(self, runtime: AgentRuntime, transport: BaseTransport, kind: str, call_id: str, out_rate: int):
+        spec = runtime.spec
+        self.runtime = runtime
+        self.transport = transport
+        self.stats = CallStats(call_id, kind)
+        self.service = ChromaS2SService(runtime.new_session(), name=f"chroma-{call_id}")
+        vad = make_vad_analyzer(
+            spec.vad.analyzer,
+            aggressiveness=spec.vad.aggressiveness,
+            frame_ms=spec.vad.frame_ms,
+            confidence=spec.vad.confidence,
+            start_secs=spec.vad.start_secs,
+            stop_secs=spec.vad.stop_secs,
+            min_volume=spec.vad.min_volume,
+        )
+        strategies = user_turn_strategies(
+            spec.turn.detector,
+            silence_secs=spec.turn.silence_secs,
+            max_silence_secs=spec.turn.silence_secs,
+            enable_interruptions=spec.response.allow_interruptions,
+        )
+        messages = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
+        self.context = LLMContext(messages=messages)
+        self.aggregators = LLMContextAggregatorPair(
+            self.context,
+            user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=strategies),
+        )
+        pipeline = Pipeline(
+            [
+                transport.input(),
+                self.aggregators.user(),
+                self.service,
+                transport.output(),
+                PlayoutTracker(),
+                self.aggregators.assistant(),
+            ]
+        )
+        # Only what a call uses: pipecat's default observers cost a copy of every frame each.
+        self.worker = PipelineWorker(
+            pipeline,
+            params=PipelineParams(
+                audio_in_sample_rate=LISTEN_RATE, audio_out_sample_rate=out_rate, enable_metrics=True
+            ),
+            enable_turn_tracking=False,
+            enable_rtvi=False,
+            idle_timeout_secs=None,
+            conversation_id=call_id,
+        )
+        self._wire_events()
+
+    def _wire_events(self):
+        stats, metrics, service = self.stats, self.runtime.metrics, self.service
+
+        @service.event_handler("on_turn_started")
+        async def _turn(_service, turn):
+            stats.turns = turn
+            metrics.turn()
+
+        @service.event_handler("on_first_audio")
+        async def _first_audio(_service, seconds):
+            stats.ttfa.append(seconds)
+            metrics.first_audio(seconds)
+            await self.tell_client({"event": "ttfa", "turn": stats.turns, "ms": round(seconds * 1000)})
+
+        @service.event_handler("on_turn_finished")
+        async def _finished(_service, text, interrupted):
+            stats.texts.append(text)
+            await self.tell_client({"event": "text", "turn": stats.turns, "text": text, "interrupted": interrupted})
+
+        @service.event_handler("on_barge_in")
+        async def _barge_in(_service, heard_frames, sent_frames):
+            stats.barge_ins += 1
+            stats.cut_replies.append((heard_frames, sent_frames))
+            metrics.barge_in()
+            await self.tell_client({"event": "barge_in", "count": stats.barge_ins, "heard_frames": heard_frames})
+
+    async def tell_client(self, message: dict) -> None:
+        """A small JSON event for the client (the web page's transcript and readouts); transports
+        without a message channel ignore it."""
+        await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message={"type": "chroma-agents", **message}))
+
+    async def hang_up(self) -> None:
+        await self.worker.queue_frame(EndFrame())
+
+    async def run(self) -> CallStats:
+        metrics = self.runtime.metrics
+        metrics.call_started(self.stats.kind)
+        logger.info(f"call {self.stats.call_id} ({self.stats.kind}) started")
+        runner = WorkerRunner(name=f"call-{self.stats.call_id}", handle_sigint=False)
+        await runner.add_workers(self.worker)
+        try:
+            await runner.run()
+        finally:
+            self.stats.ended = time.monotonic()
+            metrics.call_ended()
+            self.runtime.calls.pop(self.stats.call_id, None)
+            self.service.session.cancel()
+            logger.info(self.stats.summary())
+        return self.stats

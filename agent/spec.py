@@ -1,0 +1,478 @@
+"""The agent file: one `agent.yaml`, validated into an `AgentSpec` once, when the server starts.
+
+    spec = load_agent("examples/agents/demo/agent.yaml")
+    spec.model_source, spec.voice.audio_path, spec.voice.transcript_text, spec.response.max_frames
+
+Every problem fails the load, all of them reported together, one per line, each naming the file,
+line, field, value and what was expected:
+
+    examples/agents/demo/agent.yaml:20: vad.aggressiveness: 7 is not allowed; expected an integer from 0 to 3
+
+Paths in the file (voice audio and transcript, a model folder) are relative to the file's folder;
+the spec holds them resolved, so it means the same thing whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
+
+FRAME_SECONDS = 0.08  # one Chroma audio frame (processors.chroma.config would pull in transformers here)
+HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+Text = Annotated[str, Strict()]
+NonEmptyText = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1)]
+Number = Annotated[float, Strict()]  # strict still takes an int where a float is expected, not "0.5" or true
+
+
+def _problem(message: str, *, on_parent: bool = False) -> PydanticCustomError:
+    """A validator's error whose message is already in our words; `on_parent` reports it on the enclosing
+    section (a rule about two of its fields)."""
+    return PydanticCustomError("agent_file", "{message}", {"message": message, "on_parent": on_parent})
+
+
+def _base(info: ValidationInfo) -> Path:
+    return (info.context or {}).get("base") or Path.cwd()
+
+
+def _existing_file(value: Path, base: Path, expected: str) -> Path:
+    path = (base / value.expanduser()).resolve()
+    if not path.exists():
+        raise _problem(f"{_show(str(value))} does not exist (looked for {path}); expected {expected}")
+    if not path.is_file():
+        raise _problem(f"{_show(str(value))} is not a file ({path}); expected {expected}")
+    return path
+
+
+def _resolve_model(value: str, base: Path) -> str:
+    """'tiny', a Hugging Face id, or the absolute path of an existing checkpoint folder."""
+    if value == "tiny":
+        return value
+    if not value.strip():
+        raise _problem(f"{_show(value)} is empty; expected 'tiny', a checkpoint folder, or a Hugging Face id")
+    path = (base / Path(value).expanduser()).resolve()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise _problem(f"{_show(value)} is a file ({path}); expected a checkpoint folder")
+    # './weights' matches the id pattern too, but is clearly meant as a folder
+    if value.startswith((".", "/", "~")):
+        raise _problem(f"{_show(value)} does not exist (looked for {path}); expected a checkpoint folder")
+    if HF_ID.match(value):
+        return value
+    raise _problem(f"{_show(value)} is not 'tiny', an existing folder, or a Hugging Face id 'org/name'")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VoiceSpec(_Section):
+    """Which cloned voice speaks: a reference recording and the words spoken in it."""
+
+    audio: Path = Field(description="Reference recording of the voice (WAV), relative to the agent file.")
+    transcript: Text | None = Field(None, description="The words spoken in the reference audio.")
+    transcript_file: Path | None = Field(
+        None,
+        validate_default=True,  # so that giving neither transcript is caught with the other field errors
+        description="A UTF-8 text file holding the transcript, relative to the agent file; "
+        "give this or transcript, not both.",
+    )
+    _transcript_text: str = PrivateAttr("")
+
+    @property
+    def audio_path(self) -> Path:
+        """The reference recording, absolute."""
+        return self.audio
+
+    @property
+    def transcript_text(self) -> str:
+        """The transcript, read from transcript_file when that was given."""
+        return self._transcript_text
+
+    @field_validator("audio")
+    @classmethod
+    def _audio_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        return _existing_file(value, _base(info), "the reference recording of the voice")
+
+    @field_validator("transcript")
+    @classmethod
+    def _transcript_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise _problem(f"{_show(value)} is empty; expected the words spoken in the reference audio")
+        return value
+
+    @field_validator("transcript_file")
+    @classmethod
+    def _exactly_one_transcript(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "transcript" not in info.data:  # transcript itself is invalid and reported
+            return value
+        inline = info.data["transcript"] is not None
+        if value is None and not inline:
+            raise _problem(
+                "neither transcript nor transcript_file is given; expected one of them", on_parent=True
+            )
+        if value is None:
+            return None
+        if inline:
+            raise _problem(f"{_show(str(value))} is given as well as transcript; expected only one of them")
+        path = _existing_file(value, _base(info), "a text file with the words spoken in the reference audio")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _problem(f"{_show(str(value))} cannot be read as UTF-8 text ({exc})") from None
+        if not text.strip():
+            raise _problem(f"{_show(str(value))} is empty; expected the words spoken in the reference audio")
+        return path
+
+    @model_validator(mode="after")
+    def _read_transcript(self) -> VoiceSpec:
+        text = self.transcript if self.transcript is not None else self.transcript_file.read_text("utf-8")
+        self._transcript_text = text.strip()
+        return self
+
+
+class VADSpec(_Section):
+    """Voice activity detection: when the caller starts and stops speaking."""
+
+    analyzer: Literal["webrtc", "silero"] = Field("webrtc", description="Which voice activity detector.")
+    aggressiveness: StrictInt = Field(2, ge=0, le=3, description="webrtcvad mode; higher rejects more noise.")
+    frame_ms: Literal[10, 20, 30] = Field(20, description="webrtcvad frame length in milliseconds.")
+    confidence: Number = Field(0.7, gt=0, le=1, description="Speech probability needed to count a frame.")
+    start_secs: Number = Field(0.2, ge=0, le=2, description="Speech needed before the caller starts a turn.")
+    stop_secs: Number = Field(
+        0.2,
+        ge=0,
+        le=5,
+        description="Silence before VAD reports a stop; short, it only wakes the turn detector.",
+    )
+    min_volume: Number = Field(0.6, ge=0, le=1, description="Quietest audio that can count as speech.")
+
+
+class TurnSpec(_Section):
+    """End of the caller's turn: when the agent answers."""
+
+    detector: Literal["smart_turn", "silence"] = Field(
+        "smart_turn", description="How the end of a turn is found."
+    )
+    silence_secs: Number = Field(
+        0.8, ge=0.1, le=5, description="Silence that ends a turn (silence detector; fallback for smart_turn)."
+    )
+
+
+class ResponseSpec(_Section):
+    """How the agent's reply is generated and streamed."""
+
+    max_seconds: Number = Field(30, ge=1, le=300, description="Cap on one reply's audio, in seconds.")
+    chunk_frames: StrictInt = Field(
+        2, ge=1, le=4, description="Audio frames (80 ms each) per streamed chunk."
+    )
+    lookahead: StrictInt = Field(3, ge=1, le=8, description="Thinker tokens generated ahead of the audio.")
+    temperature: Number = Field(
+        0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy and deterministic."
+    )
+    top_k: StrictInt = Field(50, ge=1, le=1000, description="Sample from this many most likely tokens.")
+    allow_interruptions: StrictBool = Field(True, description="Whether the caller can barge in on a reply.")
+
+    @property
+    def max_frames(self) -> int:
+        """max_seconds in 80 ms frames, rounded down."""
+        return int(round(self.max_seconds * 1000, 6) // (FRAME_SECONDS * 1000))
+
+
+class WebRTCTransportSpec(_Section):
+    """Browsers and apps, over WebRTC."""
+
+    enabled: StrictBool = Field(True, description="Accept WebRTC calls.")
+
+
+class TwilioTransportSpec(_Section):
+    """Phone numbers, over Twilio Media Streams."""
+
+    enabled: StrictBool = Field(False, description="Accept Twilio calls.")
+
+
+class SIPTransportSpec(_Section):
+    """Any SIP trunk or PBX, over SIP and RTP."""
+
+    enabled: StrictBool = Field(False, description="Accept SIP calls.")
+
+
+class TransportsSpec(_Section):
+    """Which ways calls can reach the agent."""
+
+    webrtc: WebRTCTransportSpec = Field(default_factory=WebRTCTransportSpec, description="WebRTC calls.")
+    twilio: TwilioTransportSpec = Field(default_factory=TwilioTransportSpec, description="Twilio calls.")
+    sip: SIPTransportSpec = Field(default_factory=SIPTransportSpec, description="SIP calls.")
+
+
+class AgentSpec(_Section):
+    """One agent, as written in its agent.yaml."""
+
+    name: NonEmptyText = Field(description="The agent's name, for logs and the web page.")
+    model: NonEmptyText = Field(
+        "tiny",
+        description="'tiny' (seeded random miniature, for tests), a Hugging Face id 'org/name', or a checkpoint "
+        "folder relative to the agent file.",
+    )
+    device: Text = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    voice: VoiceSpec = Field(description="The cloned voice the agent speaks in.")
+    system_prompt: Text = Field("", description="What the agent is and how it behaves.")
+    vad: VADSpec = Field(default_factory=VADSpec, description="Voice activity detection.")
+    turn: TurnSpec = Field(default_factory=TurnSpec, description="End-of-turn detection.")
+    response: ResponseSpec = Field(default_factory=ResponseSpec, description="Reply generation.")
+    transports: TransportsSpec = Field(default_factory=TransportsSpec, description="Enabled transports.")
+    path: SkipJsonSchema[Path] = Field(
+        exclude=True, description="The agent file, absolute; set by load_agent."
+    )
+
+    @property
+    def model_source(self) -> str:
+        """'tiny', the Hugging Face id, or the checkpoint folder's absolute path."""
+        return self.model
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str, info: ValidationInfo) -> str:
+        return _resolve_model(value, _base(info))
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not DEVICE.match(value):
+            raise _problem(f"{_show(value)} is not allowed; expected auto, cpu, cuda or cuda:N")
+        return value
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+Loc = tuple[Any, ...]
+Problem = tuple[int | None, str, str]  # line (1-based, None when not from a line), field path, message
+
+
+class AgentFileError(ValueError):
+    """A bad agent file; str() is every problem, one per line: `file:line: field: message`."""
+
+    def __init__(self, path: str | Path, errors: list[Problem]):
+        self.path = Path(path)
+        self.errors = sorted(errors, key=lambda e: e[0] or 0)
+        super().__init__("\n".join(_format(path, *e) for e in self.errors))
+
+
+def _format(path: str | Path, line: int | None, field: str, message: str) -> str:
+    where = f"{path}:{line}" if line else str(path)
+    return f"{where}: {field}: {message}" if field else f"{where}: {message}"
+
+
+def load_agent(path: str | Path, *, model: str | None = None) -> AgentSpec:
+    """Read and validate an agent file; `model` replaces the file's model (a relative folder is then
+    relative to the working directory, as it comes from the command line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AgentFileError(
+            path, [(None, "", f"cannot be read ({reason}); expected a UTF-8 YAML file")]
+        ) from None
+    try:
+        node, data = _parse(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
+        raise AgentFileError(
+            path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise AgentFileError(path, [(None, "", f"invalid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        found = "the file is empty" if node is None else f"{_show(data)} at the top level"
+        line = node.start_mark.line + 1 if node is not None else None
+        raise AgentFileError(path, [(line, "", f"{found}; expected a mapping with name and voice")])
+
+    keys, values, errors = _lines(node)
+    data = dict(data)
+    if "path" in data:  # set by load_agent, not by the file
+        errors.append((keys[("path",)], "path", _unknown_key(("path",))))
+        del data["path"]
+    if model is not None:
+        data.pop("model", None)
+        try:
+            data["model"] = _resolve_model(str(model), Path.cwd())
+        except PydanticCustomError as exc:
+            errors.append((None, "model", f"{exc.context['message']} (given as the model override)"))
+    try:
+        spec = AgentSpec.model_validate(
+            {**data, "path": Path(path).resolve()}, context={"base": Path(path).resolve().parent}
+        )
+    except ValidationError as exc:
+        errors += [_problem_from(e, keys, values) for e in exc.errors()]
+    if errors:
+        raise AgentFileError(path, errors)
+    return spec
+
+
+def _parse(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for line numbers) and its Python value."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
+
+
+def _lines(node: yaml.Node) -> tuple[dict[Loc, int], dict[Loc, int], list[Problem]]:
+    """Line of each key and of each non-empty scalar value, by field path; and duplicate keys, which
+    YAML itself lets through with the last one winning."""
+    keys: dict[Loc, int] = {}
+    values: dict[Loc, int] = {}
+    duplicates: list[Problem] = []
+    todo: list[tuple[Loc, yaml.Node]] = [((), node)]
+    seen: set[int] = set()  # aliases can make the tree a graph
+    while todo:
+        loc, mapping = todo.pop()
+        if not isinstance(mapping, yaml.MappingNode) or id(mapping) in seen:
+            continue
+        seen.add(id(mapping))
+        for key_node, value_node in mapping.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            here = (*loc, key_node.value)
+            if here in keys:
+                duplicates.append(
+                    (
+                        key_node.start_mark.line + 1,
+                        _dotted(here),
+                        f"duplicate key; first given on line {keys[here]}",
+                    )
+                )
+                continue
+            keys[here] = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.ScalarNode) and value_node.value != "":
+                values[here] = value_node.start_mark.line + 1
+            todo.append((here, value_node))
+    return keys, values, duplicates
+
+
+def _problem_from(error: dict[str, Any], keys: dict[Loc, int], values: dict[Loc, int]) -> Problem:
+    loc, kind, ctx = tuple(error["loc"]), error["type"], error.get("ctx") or {}
+    if kind == "agent_file":
+        loc = loc[:-1] if ctx["on_parent"] else loc
+        message = ctx["message"]
+    elif kind in ("extra_forbidden", "invalid_key"):  # invalid_key: a key that is not a string, like `1:`
+        message = _unknown_key(loc)
+    else:
+        field = _field_at(loc)
+        if field is None:
+            message = f"{_show(error['input'])} is not allowed ({error['msg'][0].lower()}{error['msg'][1:]})"
+        elif kind == "missing":
+            message = f"missing; expected {_expected(field)}"
+        else:
+            message = f"{_show(error['input'])} is not allowed; expected {_expected(field)}"
+    at = tuple(str(part) for part in loc)  # the node map holds keys as written
+    line = values.get(at) if kind not in ("missing", "extra_forbidden", "invalid_key") else None
+    while line is None and at:
+        line, at = keys.get(at), at[:-1]
+    return (line or 1, _dotted(loc), message)
+
+
+def _field_at(loc: Loc) -> FieldInfo | None:
+    section, field = AgentSpec, None
+    for part in loc:
+        if (
+            not (isinstance(section, type) and issubclass(section, BaseModel))
+            or part not in section.model_fields
+        ):
+            return None
+        field = section.model_fields[part]
+        section = _unwrap(field.annotation)
+    return field
+
+
+def _unknown_key(loc: Loc) -> str:
+    parent = _field_at(loc[:-1]) if loc[:-1] else None
+    section = _unwrap(parent.annotation) if parent else AgentSpec
+    known = [name for name, field in section.model_fields.items() if not field.exclude]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return (
+        f"unknown key; did you mean {close[0]!r}?"
+        if close
+        else f"unknown key; expected one of {', '.join(known)}"
+    )
+
+
+def _unwrap(annotation: Any) -> Any:
+    """X from `X | None` and from `Annotated[X, ...]`."""
+    while True:
+        if get_origin(annotation) in (Union, UnionType):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        elif get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        else:
+            return annotation
+
+
+def _expected(field: FieldInfo) -> str:
+    """What a field takes, in words, from its type and constraints."""
+    kind = _unwrap(field.annotation)
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(_show(v) for v in get_args(kind))
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return "a mapping with keys " + ", ".join(kind.model_fields)
+    if kind is bool:
+        return "true or false"
+    noun = {int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(kind, "a value")
+    limits = {
+        n: getattr(m, n)
+        for m in field.metadata
+        for n in ("ge", "gt", "le", "lt", "min_length")
+        if getattr(m, n, None) is not None
+    }
+    if limits.get("min_length"):
+        noun = f"a non-empty {noun.removeprefix('a ').removeprefix('n ')}"
+    if "ge" in limits and "le" in limits:
+        return f"{noun} from {limits['ge']} to {limits['le']}"
+    words = {"gt": "greater than", "ge": "at least", "lt": "less than", "le": "at most"}
+    bounds = [f"{words[n]} {limits[n]}" for n in words if n in limits]
+    return " ".join([noun, " and ".join(bounds)]) if bounds else noun
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    shown = repr(value) if isinstance(value, (str, int, float)) else str(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(part) for part in loc)

@@ -1,0 +1,225 @@
+"""Chroma as a pipecat speech-to-speech service: one per call, on the process's one model.
+
+Caller audio (16 kHz) is kept while the user speaks; when the user's turn ends the turn's audio
+goes to the call's engine session, and its chunks come back as TTS audio and text frames. A
+barge-in cancels the session, and the output side's report of what was played (AudioPlayedFrame,
+from processors.playout) tells the session what the caller heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import numpy as np
+from loguru import logger
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMMessagesAppendFrame,
+    LLMServiceMetadataFrame,
+    LLMTextFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.llm_service import LLMService
+from pipecat.utils.text.base_text_aggregator import TextType
+
+from ..audio import StreamResampler
+from ..playout import AudioPlayedFrame
+from .config import LISTEN_RATE, SAMPLE_RATE
+
+FRAME_SECONDS = 0.08  # one Chroma audio frame
+
+
+class ChromaS2SService(LLMService):
+    """Speech in, speech out, on one `ChromaSession` (see processors/chroma/session.py).
+
+    Events: on_turn_started(service, turn), on_first_audio(service, ttfa_seconds),
+    on_turn_finished(service, text, interrupted), on_barge_in(service, heard_frames, sent_frames).
+    """
+
+    def __init__(self, session, *, preroll_secs: float = 0.5, max_turn_secs: float = 60.0, **kwargs):
+        super().__init__(**kwargs)
+        self.session = session
+        self._preroll = deque()  # recent 16 kHz audio before the user's turn was detected
+        self._preroll_bytes = 0
+        self._preroll_max = int(preroll_secs * LISTEN_RATE) * 2
+        self._turn_max = int(max_turn_secs * LISTEN_RATE) * 2
+        self._turn: bytearray | None = None
+        self._resampler: tuple[int, StreamResampler] | None = None
+        self._reply_task: asyncio.Task | None = None
+        self._frames_pushed = 0
+        self._turn_count = 0
+        self._seen_messages = 0
+        for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in"):
+            self._register_event_handler(name)
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    def service_metadata_frame(self) -> LLMServiceMetadataFrame:
+        # Local VAD and turn detection drive our turns, so no external strategies are suggested.
+        return LLMServiceMetadataFrame(service_name=self.name, is_realtime_service=True)
+
+    @property
+    def speaking(self) -> bool:
+        """A reply is being generated (its audio may play on for a while after)."""
+        return self._reply_task is not None and not self._reply_task.done()
+
+    @property
+    def hearing(self) -> bool:
+        """The caller's turn is open: audio is being kept for the next reply."""
+        return self._turn is not None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            self._hear(frame)  # consumed here: nothing downstream needs caller audio
+            return
+        if isinstance(frame, AudioPlayedFrame):
+            self._played(frame.seconds)
+            return
+        if isinstance(frame, UserStartedSpeakingFrame):
+            self._turn = bytearray(b"".join(self._preroll))
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            await self._end_of_user_turn()
+        elif isinstance(frame, InterruptionFrame):
+            await self.push_frame(frame, direction)
+            await self._barge_in()
+            return
+        elif isinstance(frame, LLMContextFrame):
+            self._take_instructions(frame.context.get_messages())
+        elif isinstance(frame, LLMMessagesAppendFrame):
+            self._take_instructions(frame.messages, appended=True)
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._stop_reply()
+        await self.push_frame(frame, direction)
+
+    # -- caller audio -------------------------------------------------------------
+
+    def _hear(self, frame: InputAudioRawFrame) -> None:
+        audio = frame.audio
+        if frame.num_channels != 1:
+            audio = np.frombuffer(audio, np.int16).reshape(-1, frame.num_channels).mean(1).astype(np.int16).tobytes()
+        if frame.sample_rate != LISTEN_RATE:
+            if self._resampler is None or self._resampler[0] != frame.sample_rate:
+                self._resampler = (frame.sample_rate, StreamResampler(frame.sample_rate, LISTEN_RATE))
+            audio = self._resampler[1].process(audio)
+        if self._turn is not None:
+            if len(self._turn) < self._turn_max:
+                self._turn += audio
+            return
+        self._preroll.append(audio)
+        self._preroll_bytes += len(audio)
+        while self._preroll_bytes - len(self._preroll[0]) >= self._preroll_max:
+            self._preroll_bytes -= len(self._preroll.popleft())
+
+    def _take_instructions(self, messages: list, appended: bool = False) -> None:
+        """System and developer messages become instructions the thinker reads before the next
+        turn; the agent's own system prompt is already in the session."""
+        start = 0 if appended else self._seen_messages
+        new = messages[start:]
+        if not appended:
+            self._seen_messages = len(messages)
+        for message in new:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
+                continue
+            text = message.get("content")
+            if isinstance(text, list):
+                text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+            if text and text.strip() != self.session.system_prompt.strip():
+                self.session.instruct(text)
+
+    # -- turns ----------------------------------------------------------------------
+
+    async def _end_of_user_turn(self) -> None:
+        if self._turn is None:
+            return
+        audio = np.frombuffer(bytes(self._turn), np.int16).astype(np.float32) / 32768.0
+        self._turn = None
+        self._preroll.clear()
+        self._preroll_bytes = 0
+        previous = self._reply_task
+        self._reply_task = self.create_task(self._reply(audio, previous, time.time()), "chroma-reply")
+
+    async def _reply(self, user_audio: np.ndarray, previous: asyncio.Task | None, turn_end: float) -> None:
+        # turn_end is wall-clock time, the base pipecat's metrics use
+        if previous is not None and not previous.done():
+            await previous  # interruptions disabled: the caller's turn waits for the agent's
+        self._turn_count += 1
+        self._frames_pushed = 0
+        await self._call_event_handler("on_turn_started", self._turn_count)
+        await self.start_ttfb_metrics(start_time=turn_end)
+        await self.start_processing_metrics(start_time=turn_end)
+        await self.push_frame(LLMFullResponseStartFrame())
+        said = ""
+        started = False
+        try:
+            async for chunk in self.session.respond(user_audio):
+                if not started:
+                    started = True
+                    await self.stop_ttfb_metrics()
+                    await self._call_event_handler("on_first_audio", time.time() - turn_end)
+                    await self.push_frame(TTSStartedFrame())
+                pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
+                await self.push_frame(TTSAudioRawFrame(audio=pcm, sample_rate=SAMPLE_RATE, num_channels=1))
+                self._frames_pushed = chunk.frames[1]
+                if len(chunk.text) > len(said) and chunk.text.startswith(said):
+                    await self._push_text(chunk.text[len(said) :])
+                    said = chunk.text
+        except Exception as exc:  # a failed turn ends that turn, never the call
+            logger.exception(f"{self}: turn {self._turn_count} failed: {exc}")
+            await self.push_error(f"Chroma turn failed: {exc}", exception=exc)
+        finally:
+            await self.stop_processing_metrics()
+        if started:
+            await self.push_frame(TTSStoppedFrame())
+        await self.push_frame(LLMFullResponseEndFrame())
+        await self._call_event_handler("on_turn_finished", said, False)
+
+    async def _push_text(self, text: str) -> None:
+        # LLMTextFrame for transcripts/observers (kept out of the context); TTSTextFrame travels in
+        # step with the audio, so the assistant aggregator records the text as it is played.
+        llm_text = LLMTextFrame(text)
+        llm_text.append_to_context = False
+        await self.push_frame(llm_text)
+        spoken = TTSTextFrame(text, text_type=TextType.WORD)
+        spoken.includes_inter_frame_spaces = True
+        await self.push_frame(spoken)
+
+    async def _barge_in(self) -> None:
+        if self._reply_task is None:
+            return
+        generating = not self._reply_task.done()
+        await self._stop_reply()
+        await self.stop_all_metrics()
+        if generating:
+            await self.push_frame(TTSStoppedFrame())
+            await self.push_frame(LLMFullResponseEndFrame())
+            await self._call_event_handler("on_turn_finished", self.session.kept_text, True)
+
+    def _played(self, seconds: float) -> None:
+        """The output side's count of the cut reply's audio; frames not fully played are dropped."""
+        frames = min(int(seconds / FRAME_SECONDS + 1e-6), self._frames_pushed)
+        self.session.heard(frames)
+        logger.debug(f"{self}: barge-in after {seconds:.2f} s played; keeping {frames} frames")
+        self.create_task(self._call_event_handler("on_barge_in", frames, self._frames_pushed), "chroma-barge-in")
+
+    async def _stop_reply(self) -> None:
+        task, self._reply_task = self._reply_task, None
+        if task is not None and not task.done():
+            self.session.cancel()
+            await self.cancel_task(task)

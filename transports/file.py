@@ -1,0 +1,161 @@
+"""A simulated call for tests and batch use: the caller's audio is played into the pipeline in real
+time, and the agent's audio is recorded on the same timeline, silences included."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.transports.base_input import BaseInputTransport
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+
+from processors.audio import StreamResampler
+
+
+class _CallClock:
+    """Seconds since the call started, shared by both directions."""
+
+    def __init__(self):
+        self.t0: float | None = None
+
+    def now(self) -> float:
+        loop = asyncio.get_running_loop()
+        if self.t0 is None:
+            self.t0 = loop.time()
+        return loop.time() - self.t0
+
+    async def sleep_until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class FileInputTransport(BaseInputTransport):
+    def __init__(self, transport: FileCallTransport, params: TransportParams):
+        super().__init__(params)
+        self._call = transport
+        self._feeder: asyncio.Task | None = None
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+        if self._feeder is None:
+            self._feeder = self.create_task(self._feed(), "file-caller")
+
+    async def stop(self, frame):
+        await self._stop_feeder()
+        await super().stop(frame)
+
+    async def cancel(self, frame):
+        await self._stop_feeder()
+        await super().cancel(frame)
+
+    async def _stop_feeder(self):
+        if self._feeder is not None:
+            await self.cancel_task(self._feeder)
+            self._feeder = None
+
+    async def _feed(self):
+        """The caller's audio, then line silence (a phone line never goes quiet-as-nothing; VAD needs
+        frames to notice the end of speech) until the call is ended."""
+        call, rate = self._call, self.sample_rate
+        resampler = StreamResampler(call.caller_rate, rate)
+        step = call.frame_ms / 1000
+        per_frame = call.caller_rate * call.frame_ms // 1000
+        pcm = call.caller_pcm
+        clock = call.clock
+        i = 0
+        while True:
+            await clock.sleep_until(i * step)
+            chunk = pcm[i * per_frame : (i + 1) * per_frame]
+            if chunk.size == 0 and not call.caller_done.is_set():
+                call.caller_done.set()
+                await self._call._call_event_handler("on_caller_finished")
+            if chunk.size < per_frame:
+                chunk = np.pad(chunk, (0, per_frame - chunk.size))
+            audio = resampler.process(chunk.tobytes())
+            await self.push_audio_frame(InputAudioRawFrame(audio=audio, sample_rate=rate, num_channels=1))
+            i += 1
+
+
+class FileOutputTransport(BaseOutputTransport):
+    def __init__(self, transport: FileCallTransport, params: TransportParams):
+        super().__init__(params)
+        self._call = transport
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, InterruptionFrame):
+            self._call.events.append(("interruption", self._call.clock.now()))
+        await super().process_frame(frame, direction)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        # A device with no playout buffer: a chunk starts when written (or when the previous one
+        # ends) and the write returns once it has played, so "written" means "heard".
+        call = self._call
+        samples = np.frombuffer(frame.audio, np.int16)
+        start = max(call.clock.now(), call.cursor)
+        call.agent_chunks.append((start, frame.sample_rate, samples.copy()))
+        call.events.append(("agent_audio", start))
+        call.cursor = start + samples.size / frame.sample_rate
+        await call.clock.sleep_until(call.cursor)
+        return True
+
+
+class FileCallTransport(BaseTransport):
+    """Events: on_caller_finished(transport) once the caller's audio has all been sent."""
+
+    def __init__(self, caller_pcm: np.ndarray, caller_rate: int, *, output_rate: int = 24000, frame_ms: int = 20):
+        super().__init__()
+        pcm = np.asarray(caller_pcm)
+        if pcm.dtype != np.int16:
+            pcm = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+        self.caller_pcm = pcm.reshape(-1)
+        self.caller_rate = caller_rate
+        self.output_rate = output_rate
+        self.frame_ms = frame_ms
+        self.clock = _CallClock()
+        self.cursor = 0.0
+        self.caller_done = asyncio.Event()
+        self.agent_chunks: list[tuple[float, int, np.ndarray]] = []
+        self.events: list[tuple[str, float]] = []
+        self._params = TransportParams(
+            audio_in_enabled=True,
+            audio_out_enabled=True,
+            audio_out_sample_rate=output_rate,
+            audio_out_10ms_chunks=frame_ms // 10,
+            audio_out_end_silence_secs=0,
+        )
+        self._input = FileInputTransport(self, self._params)
+        self._output = FileOutputTransport(self, self._params)
+        self._register_event_handler("on_caller_finished")
+
+    def input(self) -> FileInputTransport:
+        return self._input
+
+    def output(self) -> FileOutputTransport:
+        return self._output
+
+    def recording(self, duration: float | None = None) -> np.ndarray:
+        """The agent's side of the call as int16 at output_rate, silence where it did not speak."""
+        end = max((t + s.size / r for t, r, s in self.agent_chunks), default=0.0)
+        total = int(round(max(end, duration or 0.0) * self.output_rate))
+        out = np.zeros(total, np.int16)
+        for t, rate, samples in self.agent_chunks:
+            if rate != self.output_rate:
+                raise ValueError(f"agent audio at {rate} Hz, expected the call's {self.output_rate} Hz")
+            i = int(round(t * self.output_rate))
+            out[i : i + samples.size] = samples[: max(0, total - i)]
+        return out
