@@ -38,7 +38,7 @@ def test_demo_agent_loads_with_its_derived_values():
     spec = load_agent(DEMO)
     voices = ROOT / "examples" / "voices" / "demo"
     assert spec.name == "Demo support agent"
-    assert spec.model_source == "tiny"
+    assert spec.model_source == "FlashLabs/Chroma-4B"
     assert spec.device == "auto"
     assert spec.path == DEMO
     assert spec.voice.audio_path == voices / "reference.wav" and spec.voice.audio_path.is_absolute()
