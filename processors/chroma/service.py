@@ -175,7 +175,9 @@ class ChromaS2SService(LLMService):
                     await self._call_event_handler("on_first_audio", time.time() - turn_end)
                     await self.push_frame(TTSStartedFrame())
                 pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
-                await self.push_frame(TTSAudioRawFrame(audio=pcm, sample_rate=SAMPLE_RATE, num_channels=1))
+                audio = TTSAudioRawFrame(audio=pcm, sample_rate=SAMPLE_RATE, num_channels=1)
+                await self.process_ttfa_metrics(audio)  # pipecat's TTFA: first byte plus leading silence
+                await self.push_frame(audio)
                 self._frames_pushed = chunk.frames[1]
                 if len(chunk.text) > len(said) and chunk.text.startswith(said):
                     await self._push_text(chunk.text[len(said) :])
