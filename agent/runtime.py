@@ -44,7 +44,8 @@ from .wavfile import read_wav
 
 STAND_IN_NOTICE = (
     "model 'tiny' is a seeded random miniature of Chroma: the agent hears and answers, but its voice "
-    "is an untrained stand-in (noise), not speech. Pass --model FlashLabs/Chroma-4B (or a folder) for real speech."
+    "is an untrained stand-in (noise), not speech. Real speech needs the real weights "
+    "(FlashLabs/Chroma-4B, best on a GPU) or a checkpoint folder."
 )
 
 _call_ids = itertools.count(1)
@@ -95,6 +96,7 @@ class AgentRuntime:
             logger.info(f"loading model {source!r} for agent {spec.name!r}")
             model = load_model(source, device=device)
         self.model = model
+        self.model_name = Path(str(model.source)).name if Path(str(model.source)).is_dir() else str(model.source)
         self.stand_in = bool(model.config.is_tiny)
         if self.stand_in:
             logger.warning(STAND_IN_NOTICE)
@@ -204,7 +206,12 @@ class Call:
         await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message={"type": "chroma-agents", **message}))
 
     async def hang_up(self) -> None:
+        """End the call after what is queued has been sent."""
         await self.worker.queue_frame(EndFrame())
+
+    async def cancel(self, reason: str | None = None) -> None:
+        """End the call now (the client is gone: nothing more can be delivered)."""
+        await self.worker.cancel(reason=reason)
 
     async def run(self) -> CallStats:
         metrics = self.runtime.metrics

@@ -35,6 +35,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
+from pipecat.services.settings import LLMSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from ..audio import StreamResampler
@@ -52,7 +53,22 @@ class ChromaS2SService(LLMService):
     """
 
     def __init__(self, session, *, preroll_secs: float = 0.5, max_turn_secs: float = 60.0, **kwargs):
-        super().__init__(**kwargs)
+        # Sampling lives in the session; pipecat's text-LLM knobs do not apply to a speech model.
+        settings = LLMSettings(
+            model=str(getattr(session.model, "source", "chroma")),
+            system_instruction=session.system_prompt or None,
+            temperature=None,
+            max_tokens=None,
+            top_p=None,
+            top_k=None,
+            frequency_penalty=None,
+            presence_penalty=None,
+            seed=None,
+            filter_incomplete_user_turns=False,
+            user_turn_completion_config=None,
+            use_provider_thinking_default=False,
+        )
+        super().__init__(settings=settings, **kwargs)
         self.session = session
         self._preroll = deque()  # recent 16 kHz audio before the user's turn was detected
         self._preroll_bytes = 0

@@ -1,0 +1,191 @@
+"""The agent's HTTP server: the web page, WebRTC signalling on pipecat's SmallWebRTC, health and metrics.
+
+    app = create_app(AgentRuntime(load_agent("agent.yaml")))
+    serve(runtime, host="127.0.0.1", port=8080)
+
+One browser call: the page POSTs its SDP offer (all ICE candidates included, no trickle) to
+/api/offer; the answer comes back and the call's pipeline runs in the background until either side
+hangs up. Closing the peer connection in the browser ends the call on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from loguru import logger
+from pipecat.transports.base_transport import TransportParams
+from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from processors.chroma.config import LISTEN_RATE
+
+from .runtime import STAND_IN_NOTICE, AgentRuntime, Call
+
+PAGE = Path(__file__).parent / "web" / "index.html"
+WEBRTC_OUT_RATE = 48000  # Opus runs at 48 kHz; sending at its rate saves aiortc a resample
+CONNECT_TIMEOUT_SECS = 20  # an offer whose peer never connects frees its session after this
+SHUTDOWN_GRACE_SECS = 3.0  # per step: hang up, then cancel
+
+
+class Offer(BaseModel):
+    """The browser's half of the WebRTC handshake."""
+
+    # Other fields pipecat's own clients send (requestData, ...) are accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    sdp: str = Field(min_length=1, description="The SDP offer, with its ICE candidates gathered.")
+    type: Literal["offer"] = Field(description="Always 'offer'.")
+    pc_id: str | None = Field(None, description="Renegotiation is not supported; leave it out.")
+
+
+def _bad_body(error: ValidationError) -> str:
+    problems = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        value = "" if e["type"] == "missing" else f" (got {json.dumps(e.get('input'))[:60]})"
+        problems.append(f"{where}: {e['msg']}{value}")
+    return "; ".join(problems)
+
+
+class WebRTCCalls:
+    """The server's WebRTC calls: each one's peer connection and the task running its pipeline."""
+
+    def __init__(self, runtime: AgentRuntime):
+        self.runtime = runtime
+        self.active: dict[str, tuple[SmallWebRTCConnection, Call, asyncio.Task]] = {}
+
+    async def start(self, offer: Offer) -> dict:
+        connection = SmallWebRTCConnection(connection_timeout_secs=CONNECT_TIMEOUT_SECS)
+        try:
+            await connection.initialize(sdp=offer.sdp, type=offer.type)
+        except Exception as e:  # aiortc raises several kinds for SDP it cannot use
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            raise HTTPException(400, f"sdp: not a usable WebRTC offer ({type(e).__name__}: {e})") from e
+        params = TransportParams(
+            audio_in_enabled=True,
+            audio_in_sample_rate=LISTEN_RATE,
+            audio_out_enabled=True,
+            audio_out_sample_rate=WEBRTC_OUT_RATE,
+        )
+        try:
+            transport = SmallWebRTCTransport(connection, params)
+            call = self.runtime.new_call(transport, kind="webrtc", out_rate=WEBRTC_OUT_RATE)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            raise
+
+        @transport.event_handler("on_client_disconnected")
+        async def _caller_left(_transport, _client):
+            # Nothing is left to hear the rest of the reply: cancel rather than drain.
+            await call.cancel("caller left")
+
+        pc_id = connection.pc_id
+        task = asyncio.create_task(self._run(pc_id, connection, call), name=f"call-{pc_id}")
+        self.active[pc_id] = (connection, call, task)
+        return connection.get_answer()
+
+    async def _run(self, pc_id: str, connection: SmallWebRTCConnection, call: Call) -> None:
+        try:
+            await call.run()
+        except Exception:  # one call's failure is logged and freed; the server and other calls go on
+            logger.exception(f"call {call.stats.call_id} failed")
+        finally:
+            self.active.pop(pc_id, None)
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+
+    async def close_all(self) -> None:
+        """Hang up every call; a reply still being spoken gets a short grace, then the call is cancelled."""
+        calls = list(self.active.values())
+        for _connection, call, _task in calls:
+            with contextlib.suppress(Exception):
+                await call.hang_up()
+        pending = {task for _c, _call, task in calls}
+        if pending:
+            _done, pending = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECS)
+        for _connection, call, task in calls:
+            if task in pending:
+                with contextlib.suppress(Exception):
+                    await call.cancel("server shutting down")
+        if pending:
+            _done, pending = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECS)
+        for task in pending:  # a pipeline that ignored its cancel: stop waiting on it
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for connection, _call, _task in calls:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+
+
+def create_app(runtime: AgentRuntime) -> FastAPI:
+    calls = WebRTCCalls(runtime)
+    page = PAGE.read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await calls.close_all()
+
+    app = FastAPI(title=f"chroma-agents: {runtime.spec.name}", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.calls = calls
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/agent")
+    async def agent_info() -> dict:
+        return {
+            "name": runtime.spec.name,
+            "model": runtime.model_name,
+            "stand_in": runtime.stand_in,
+            "notice": STAND_IN_NOTICE if runtime.stand_in else None,
+        }
+
+    @app.post("/api/offer")
+    async def offer(request: Request) -> dict:
+        if not runtime.spec.transports.webrtc.enabled:
+            raise HTTPException(503, "WebRTC calls are off for this agent (transports.webrtc.enabled: false)")
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPException(
+                400, f"body: expected a JSON object {{sdp, type}}, could not parse it ({e})"
+            ) from e
+        if not isinstance(body, dict):
+            raise HTTPException(400, f"body: expected a JSON object {{sdp, type}}, got {type(body).__name__}")
+        try:
+            parsed = Offer.model_validate(body)
+        except ValidationError as e:
+            raise HTTPException(400, _bad_body(e)) from e
+        if parsed.pc_id is not None:
+            raise HTTPException(400, "pc_id: renegotiating a call is not supported; leave pc_id out")
+        if "m=audio" not in parsed.sdp:
+            raise HTTPException(400, "sdp: expected an offer with an audio media section (m=audio)")
+        return await calls.start(parsed)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "calls_active": runtime.metrics.calls_active, "model": runtime.model_name}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Run the server until interrupted; active calls are hung up on the way out."""
+    uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")

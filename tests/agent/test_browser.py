@@ -1,0 +1,266 @@
+"""Real browser calls: headless Chromium, its microphone fed from an espeak-ng WAV, talks to the server's
+page over WebRTC; the test reads the page's `window.chromaState` through the DevTools protocol."""
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+import websockets
+
+from agent.runtime import AgentRuntime
+from agent.server import create_app
+from agent.spec import load_agent
+from tests.speech import silence, synthesize
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
+)
+
+CALL_TIMEOUT_SECS = 60
+# The agent's audio as the page measures it (RMS of the remote track): silence reads 0.0; the tiny
+# model's noise reads well above this.
+AUDIBLE_RMS = 0.01
+
+
+@pytest.fixture(scope="module")
+def caller_wav(tmp_path_factory):
+    """~1.5 s of speech after a short lead-in, then silence: Chromium loops the file, so it must outlast
+    the test or the caller would speak again."""
+    rate = 48000
+    speech = synthesize("Hi, where is my order?", rate)
+    samples = np.concatenate([silence(0.5, rate), speech, silence(CALL_TIMEOUT_SECS + 30, rate)])
+    path = tmp_path_factory.mktemp("caller") / "caller48k.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return AgentRuntime(load_agent("examples/agents/demo/agent.yaml", model="tiny"))
+
+
+class Server:
+    """The app under uvicorn on a free loopback port, in a thread of this process (so a test can look at
+    the runtime); ``stop()`` runs the app's shutdown as Ctrl-C would."""
+
+    def __init__(self, runtime: AgentRuntime):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    srv = Server(runtime)
+    try:
+        yield runtime, srv.url
+    finally:
+        srv.stop()
+
+
+@contextlib.contextmanager
+def chromium(wav: Path):
+    """Headless Chromium with a fake microphone reading ``wav``; yields its DevTools HTTP address."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav.resolve()}",
+            "--autoplay-policy=no-user-gesture-required",
+            # Port 0: Chromium picks a free one and writes it to DevToolsActivePort in the profile.
+            "--remote-debugging-port=0",
+            "--remote-debugging-address=127.0.0.1",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port_file.read_text().split()[0]}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class Page:
+    """One browser tab, driven over the DevTools protocol."""
+
+    def __init__(self, ws, devtools: str, target_id: str):
+        self.ws, self.devtools, self.target_id = ws, devtools, target_id
+        self.next_id = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, devtools: str, url: str):
+        # The whole URL is one escaped query string, or its own '&' would end it.
+        request = urllib.request.Request(
+            f"{devtools}/json/new?{urllib.parse.quote(url, safe='')}", method="PUT"
+        )
+        target = json.load(urllib.request.urlopen(request, timeout=10))
+        async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None) as ws:
+            yield cls(ws, devtools, target["id"])
+
+    def close_tab(self) -> None:
+        urllib.request.urlopen(f"{self.devtools}/json/close/{self.target_id}", timeout=10).read()
+
+    async def evaluate(self, expression: str):
+        self.next_id += 1
+        call_id = self.next_id
+        params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
+        await self.ws.send(json.dumps({"id": call_id, "method": "Runtime.evaluate", "params": params}))
+        while (reply := json.loads(await self.ws.recv())).get("id") != call_id:
+            pass
+        return reply["result"]["result"].get("value")
+
+    async def state(self) -> dict:
+        return await self.evaluate(
+            "window.chromaState ? JSON.parse(JSON.stringify(window.chromaState)) : null"
+        )
+
+
+def heard_and_answered(state: dict | None) -> bool:
+    return bool(state and state["ttfa"] and state["maxAudioLevel"] > AUDIBLE_RMS)
+
+
+async def call_until_answered(page: Page) -> dict:
+    """Poll the page until the agent has answered audibly, the call failed, or the timeout passed."""
+    deadline = time.monotonic() + CALL_TIMEOUT_SECS
+    state = None
+    while time.monotonic() < deadline:
+        state = await page.state()
+        if heard_and_answered(state) or (state and state["state"] == "failed"):
+            break
+        await asyncio.sleep(0.5)
+    return state
+
+
+async def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, caller_wav):
+    runtime, base = server
+    turns_before = runtime.metrics.turns
+    with chromium(caller_wav) as devtools:
+        async with Page.open(devtools, f"{base}/?raw=1&autostart=1") as page:
+            state = await call_until_answered(page)
+            assert state is not None, "the page never set window.chromaState"
+            assert state["error"] is None, state
+            assert state["connected"], state
+            calls = list(runtime.calls.values())
+            assert len(calls) == 1 and calls[0].stats.kind == "webrtc"
+            # The server heard the caller: VAD and end of turn ran and the agent replied.
+            assert runtime.metrics.turns > turns_before
+            assert state["ttfa"], f"no ttfa event reached the page: {state}"
+            assert state["maxAudioLevel"] > AUDIBLE_RMS, (
+                f"the agent's audio was silent in the browser: {state}"
+            )
+            assert state["standIn"] is True
+            print(f"\nbrowser: ttfa {state['ttfa']} ms, max agent RMS {state['maxAudioLevel']:.3f}")
+
+            await page.evaluate("document.getElementById('hangup').click()")
+            # Closing the peer connection in the browser must end the call and free its session.
+            await wait_for(lambda: not runtime.calls, 15, "the server to end the call after hang-up")
+            assert runtime.metrics.calls_active == 0
+            assert (await page.state())["state"] == "ended"
+
+
+async def test_two_browser_calls_at_once_each_get_their_own_answer(server, caller_wav):
+    runtime, base = server
+    webrtc_calls_before = runtime.metrics.calls["webrtc"]
+    url = f"{base}/?raw=1&autostart=1"
+    with chromium(caller_wav) as devtools:
+        async with Page.open(devtools, url) as first, Page.open(devtools, url) as second:
+            await wait_for(lambda: len(runtime.calls) == 2, 20, "both calls to start")
+            calls = list(runtime.calls.values())
+            states = await asyncio.gather(call_until_answered(first), call_until_answered(second))
+            for state in states:
+                assert state and state["connected"] and state["error"] is None, state
+                assert state["ttfa"], f"no ttfa event reached this page: {state}"
+                assert state["maxAudioLevel"] > AUDIBLE_RMS, f"this page's agent audio was silent: {state}"
+            assert states[0]["pcId"] != states[1]["pcId"]
+            # Each call ran its own turn on its own session; neither took the other's audio.
+            assert all(call.stats.turns >= 1 for call in calls), [c.stats for c in calls]
+            assert runtime.metrics.calls["webrtc"] == webrtc_calls_before + 2
+            print(f"\ntwo browsers: ttfa {[s['ttfa'] for s in states]} ms")
+            # Closing the tabs (no hang-up button) must end both calls on the server.
+            first.close_tab()
+            second.close_tab()
+            await wait_for(
+                lambda: not runtime.calls, 15, "the server to end both calls after their tabs closed"
+            )
+
+
+async def test_stopping_the_server_hangs_up_its_calls(runtime, caller_wav):
+    srv = Server(runtime)
+    try:
+        with chromium(caller_wav) as devtools:
+            async with Page.open(devtools, f"{srv.url}/?raw=1&autostart=1") as page:
+                await wait_for(lambda: len(runtime.calls) == 1, 20, "the call to start")
+                state = await call_until_answered(page)
+                assert state and state["connected"], state
+                await asyncio.to_thread(srv.stop)
+                assert not runtime.calls and runtime.metrics.calls_active == 0
+                # The agent's side hung up, and the page says so rather than reporting a failure.
+                deadline = time.monotonic() + 10
+                while (state := await page.state())["state"] == "connected" and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                assert state["state"] == "ended by agent", state
+    finally:
+        srv.stop()
