@@ -128,6 +128,7 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    _add_log_level(p)
     p.set_defaults(run=_run_serve)
 
 
@@ -136,7 +137,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port is {args.port}, expected 1 to 65535")
-    runtime = _runtime(args.agent, args.model)
+    runtime = _runtime(args.agent, args.model, args.log_level)
     print(f"agent {runtime.spec.name!r}: model {runtime.model.source} on {runtime.model.device}")
     print(f"open http://{args.host}:{args.port}/ to talk to it")
     serve(runtime, host=args.host, port=args.port)
@@ -156,6 +157,7 @@ def _add_call(subparsers) -> None:
     p.add_argument("--output", required=True, metavar="OUT.wav", help="where to write the agent's audio (16-bit mono)")
     p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
     p.add_argument("--rate", type=int, default=24000, choices=(8000, 16000, 24000, 48000), help="output sample rate (default: 24000)")
+    _add_log_level(p)
     p.set_defaults(run=_run_call)
 
 
@@ -170,7 +172,7 @@ def _run_call(args: argparse.Namespace) -> int:
         caller, caller_rate = read_wav_native(args.input)
     except WavError as exc:
         raise UsageError(f"--input {exc}") from None
-    runtime = _runtime(args.agent, args.model)
+    runtime = _runtime(args.agent, args.model, args.log_level)
     print(f"calling agent {runtime.spec.name!r} with {args.input} ({caller.size / caller_rate:.1f} s, real time)")
     call, recording, _ = asyncio.run(simulate_call(runtime, caller, caller_rate, out_rate=args.rate))
     stats = call.stats
@@ -182,7 +184,22 @@ def _run_call(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime(agent_path: str, model: str | None):
+def _add_log_level(p) -> None:
+    p.add_argument(
+        "--log-level", default="INFO", choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log detail (default: INFO; DEBUG shows every pipeline event)",
+    )
+
+
+def _set_log_level(level: str) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level)
+
+
+def _runtime(agent_path: str, model: str | None, log_level: str = "INFO"):
+    _set_log_level(log_level)
     from .runtime import AgentRuntime
     from .spec import AgentFileError, load_agent
 
