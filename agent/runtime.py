@@ -193,6 +193,10 @@ class Call:
             stats.texts.append(text)
             await self.tell_client({"event": "text", "turn": stats.turns, "text": text, "interrupted": interrupted})
 
+        @service.event_handler("on_input_dropped")
+        async def _dropped(_service, reason):
+            metrics.dropped(reason)
+
         @service.event_handler("on_barge_in")
         async def _barge_in(_service, heard_frames, sent_frames):
             stats.barge_ins += 1

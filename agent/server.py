@@ -155,6 +155,14 @@ def create_app(runtime: AgentRuntime) -> FastAPI:
 
     @app.post("/api/offer")
     async def offer(request: Request) -> dict:
+        try:
+            return await _offer(request)
+        except HTTPException as e:
+            if e.status_code == 400:
+                runtime.metrics.dropped("bad_offer")
+            raise
+
+    async def _offer(request: Request) -> dict:
         if not runtime.spec.transports.webrtc.enabled:
             raise HTTPException(503, "WebRTC calls are off for this agent (transports.webrtc.enabled: false)")
         try:

@@ -49,7 +49,8 @@ class ChromaS2SService(LLMService):
     """Speech in, speech out, on one `ChromaSession` (see processors/chroma/session.py).
 
     Events: on_turn_started(service, turn), on_first_audio(service, ttfa_seconds),
-    on_turn_finished(service, text, interrupted), on_barge_in(service, heard_frames, sent_frames).
+    on_turn_finished(service, text, interrupted), on_barge_in(service, heard_frames, sent_frames),
+    on_input_dropped(service, reason).
     """
 
     def __init__(self, session, *, preroll_secs: float = 0.5, max_turn_secs: float = 60.0, **kwargs):
@@ -75,12 +76,13 @@ class ChromaS2SService(LLMService):
         self._preroll_max = int(preroll_secs * LISTEN_RATE) * 2
         self._turn_max = int(max_turn_secs * LISTEN_RATE) * 2
         self._turn: bytearray | None = None
+        self._turn_overflow = False
         self._resampler: tuple[int, StreamResampler] | None = None
         self._reply_task: asyncio.Task | None = None
         self._frames_pushed = 0
         self._turn_count = 0
         self._seen_messages = 0
-        for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in"):
+        for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped"):
             self._register_event_handler(name)
 
     def can_generate_metrics(self) -> bool:
@@ -110,6 +112,7 @@ class ChromaS2SService(LLMService):
             return
         if isinstance(frame, UserStartedSpeakingFrame):
             self._turn = bytearray(b"".join(self._preroll))
+            self._turn_overflow = False
         elif isinstance(frame, UserStoppedSpeakingFrame):
             await self._end_of_user_turn()
         elif isinstance(frame, InterruptionFrame):
@@ -137,6 +140,10 @@ class ChromaS2SService(LLMService):
         if self._turn is not None:
             if len(self._turn) < self._turn_max:
                 self._turn += audio
+            elif not self._turn_overflow:
+                self._turn_overflow = True
+                logger.warning(f"{self}: the caller's turn passed {self._turn_max // 2 / LISTEN_RATE:.0f} s; the rest is not heard")
+                self.create_task(self._call_event_handler("on_input_dropped", "turn_too_long"), "chroma-dropped")
             return
         self._preroll.append(audio)
         self._preroll_bytes += len(audio)

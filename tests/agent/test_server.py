@@ -126,11 +126,13 @@ def test_page_has_its_hooks_and_loads_nothing_from_elsewhere(client):
         (b'{"sdp": "m=audio 9", "type": "offer", "pc_id": "x"}', "pc_id"),
     ],
 )
-def test_bad_offer_bodies_are_400_naming_the_field(client, body, field):
+def test_bad_offer_bodies_are_400_naming_the_field(client, runtime, body, field):
+    dropped = runtime.metrics.dropped_input["bad_offer"]
     r = client.post("/api/offer", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith(f"{field}:"), r.json()
     assert client.get("/healthz").json()["calls_active"] == 0
+    assert runtime.metrics.dropped_input["bad_offer"] == dropped + 1  # counted for /metrics
 
 
 def test_a_good_offer_is_answered_and_the_unconnected_call_is_freed_on_shutdown(runtime):

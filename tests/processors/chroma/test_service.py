@@ -67,3 +67,25 @@ async def test_system_messages_become_instructions_for_the_next_turn(tiny, voice
     await run_test(service, frames_to_send=[LLMMessagesAppendFrame(messages=[task, chat])])
     expected = session.layout.system("You are helpful.") + session.layout.system("Ask for the order number.")
     assert session.pending_ids == expected
+
+
+async def test_a_turn_past_its_cap_is_cut_and_reported_once(tiny, voice):
+    service = ChromaS2SService(tiny.new_session(voice, max_frames=2), max_turn_secs=0.2)
+    dropped = []
+
+    @service.event_handler("on_input_dropped")
+    async def _dropped(_service, reason):
+        dropped.append(reason)
+
+    heard = []
+    original = service.session.respond
+
+    def respond(audio):
+        heard.append(audio.size)
+        return original(audio)
+
+    service.session.respond = respond
+    frames = [UserStartedSpeakingFrame(), *caller_frames(1.0, 16000), UserStoppedSpeakingFrame(), SleepFrame(1.0)]
+    await run_test(service, frames_to_send=frames)
+    assert dropped == ["turn_too_long"]
+    assert heard and heard[0] <= int(0.2 * 16000) + 320  # the cap, plus the frame that crossed it
