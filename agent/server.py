@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from pathlib import Path
 from typing import Literal
@@ -196,4 +197,9 @@ def create_app(runtime: AgentRuntime) -> FastAPI:
 
 def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Run the server until interrupted; active calls are hung up on the way out."""
+    # The model, torch and pipecat leave ~400k long-lived objects; a full collection walking them
+    # stalls the event loop, so every call's audio, for 300-400 ms (measured at 50-100 calls).
+    # Freezing them once loaded keeps full collections to the objects calls create.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")

@@ -24,7 +24,9 @@ async def simulate_call(
     has been quiet for `settle_secs` (after the end-of-turn wait). -> (the finished call, the agent's
     audio as int16 at out_rate on the call's timeline, the transport with its event log)."""
     transport = FileCallTransport(caller_pcm, caller_rate, output_rate=out_rate)
-    call = runtime.new_call(transport, kind="file", out_rate=out_rate)
+    # Listen at the caller's own rate where the VAD can, as a phone transport does.
+    in_rate = caller_rate if caller_rate in (8000, 16000) else 16000
+    call = runtime.new_call(transport, kind="file", out_rate=out_rate, in_rate=in_rate)
     settle = settle_secs + runtime.spec.turn.silence_secs
     service, clock = call.service, transport.clock
 

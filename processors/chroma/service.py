@@ -171,6 +171,8 @@ class ChromaS2SService(LLMService):
     async def _end_of_user_turn(self) -> None:
         if self._turn is None:
             return
+        if self._resampler is not None:
+            self._turn += self._resampler[1].flush()  # the turn's last ~0.1 s, held in the filter
         audio = np.frombuffer(bytes(self._turn), np.int16).astype(np.float32) / 32768.0
         self._turn = None
         self._preroll.clear()
