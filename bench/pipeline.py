@@ -502,6 +502,12 @@ class Server:
 def make_servers(args, folder: Path) -> list[Server]:
     py = sys.executable
     servers = []
+
+    def ours() -> Server:
+        port = free_port()
+        command = [py, "-m", "bench.pipeline", "server", "--port", str(port), "--vad", "webrtc"]
+        return Server("chroma-agents (webrtcvad)", "ours", "webrtc", command, port, folder / "server-ours-webrtc.log")
+
     for vad in args.baseline_vads:
         port = free_port()
         servers.append(
@@ -525,29 +531,9 @@ def make_servers(args, folder: Path) -> list[Server]:
             )
         )
         if vad == "webrtc":  # ours next to its like
-            port = free_port()
-            servers.append(
-                Server(
-                    "chroma-agents (webrtcvad)",
-                    "ours",
-                    "webrtc",
-                    [py, "-m", "bench.pipeline", "server", "--port", str(port), "--vad", "webrtc"],
-                    port,
-                    folder / "server-ours-webrtc.log",
-                )
-            )
+            servers.append(ours())
     if "webrtc" not in args.baseline_vads:
-        port = free_port()
-        servers.append(
-            Server(
-                "chroma-agents (webrtcvad)",
-                "ours",
-                "webrtc",
-                [py, "-m", "bench.pipeline", "server", "--port", str(port), "--vad", "webrtc"],
-                port,
-                folder / "server-ours-webrtc.log",
-            )
-        )
+        servers.append(ours())
     if args.with_gc_ablation:
         port = free_port()
         servers.append(
