@@ -104,6 +104,10 @@ class AgentRuntime:
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
 
+    def active_calls(self, kind: str) -> int:
+        """Calls of this transport kind now running (for each transport's max_calls)."""
+        return sum(1 for call in self.calls.values() if call.stats.kind == kind)
+
     def new_session(self):
         r = self.spec.response
         sampling = Sampling(do_sample=r.temperature > 0, temperature=r.temperature or 1.0, top_k=r.top_k)
@@ -145,7 +149,7 @@ class Call:
         self.runtime = runtime
         self.transport = transport
         self.stats = CallStats(call_id, kind)
-        self.service = ChromaS2SService(runtime.new_session(), name=f"chroma-{call_id}")
+        self.service = ChromaS2SService(runtime.new_session(), out_rate=out_rate, name=f"chroma-{call_id}")
         vad = make_vad_analyzer(
             spec.vad.analyzer,
             aggressiveness=spec.vad.aggressiveness,
@@ -173,7 +177,7 @@ class Call:
                 self.aggregators.user(),
                 self.service,
                 transport.output(),
-                PlayoutTracker(),
+                PlayoutTracker(unplayed=getattr(transport.output(), "unplayed_seconds", None)),
                 self.aggregators.assistant(),
             ]
         )

@@ -15,6 +15,7 @@ the spec holds them resolved, so it means the same thing whatever the working di
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from pathlib import Path
 from types import UnionType
@@ -213,12 +214,79 @@ class TwilioTransportSpec(_Section):
     """Phone numbers, over Twilio Media Streams."""
 
     enabled: StrictBool = Field(False, description="Accept Twilio calls.")
+    public_url: Text | None = Field(
+        None,
+        description="The https:// base URL Twilio reaches this server at (behind a proxy, the proxy's); "
+        "`serve --public-url` overrides it. Signatures are checked against it.",
+    )
+    account_sid: Text | None = Field(
+        None, description="Account SID for hang-up and transfer over Twilio's REST API; else TWILIO_ACCOUNT_SID."
+    )
+    auth_token: Text | None = Field(
+        None,
+        description="Auth token that signs Twilio's requests; else TWILIO_AUTH_TOKEN. Prefer the environment "
+        "variable: agent files end up in version control.",
+    )
+    max_calls: StrictInt = Field(20, ge=1, le=1000, description="Calls at once; more are rejected as busy.")
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise _problem(f"{_show(value)} is not allowed; expected an absolute http(s) URL with no query")
+        return value
+
+
+class SIPAuthSpec(_Section):
+    """Digest authentication asked of every INVITE."""
+
+    realm: NonEmptyText = Field(description="Realm named in the challenge, usually the agent's domain.")
+    username: NonEmptyText = Field(description="User name the trunk or PBX authenticates as.")
+    password_env: NonEmptyText = Field(
+        "SIP_PASSWORD", description="Environment variable holding the password (never in the agent file)."
+    )
+    algorithm: Literal["MD5", "SHA-256"] = Field("MD5", description="Digest algorithm: MD5 or SHA-256.")
 
 
 class SIPTransportSpec(_Section):
     """Any SIP trunk or PBX, over SIP and RTP."""
 
     enabled: StrictBool = Field(False, description="Accept SIP calls.")
+    host: NonEmptyText = Field("127.0.0.1", description="Address the SIP and RTP sockets bind to.")
+    port: StrictInt = Field(5060, ge=1, le=65535, description="SIP port (UDP).")
+    public_address: Text | None = Field(
+        None, description="Address put in Contact and SDP when the trunk reaches us through NAT; default: host."
+    )
+    rtp_ports: tuple[StrictInt, StrictInt] = Field(
+        (20000, 20999), description="First and last RTP port; each call takes an even port and the next one."
+    )
+    codecs: list[Literal["PCMU", "PCMA"]] = Field(
+        ["PCMU", "PCMA"], min_length=1, description="Codecs accepted, in our order of preference."
+    )
+    allow: list[NonEmptyText] = Field(
+        ["127.0.0.1", "::1"],
+        description="Source addresses or networks (CIDR) allowed to call; [] allows anyone (then set auth).",
+    )
+    auth: SIPAuthSpec | None = Field(None, description="Digest authentication for INVITEs; off when absent.")
+    max_calls: StrictInt = Field(20, ge=1, le=1000, description="Calls at once; more get 486 Busy Here.")
+
+    @field_validator("rtp_ports")
+    @classmethod
+    def _port_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        first, last = value
+        if not (1024 <= first < last <= 65535):
+            raise _problem(f"{list(value)} is not allowed; expected [first, last] with 1024 <= first < last <= 65535")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip())
+            except ValueError:
+                raise _problem(f"{_show(entry)} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return value
 
 
 class TransportsSpec(_Section):

@@ -3,6 +3,7 @@ barge-in, tells the speech service upstream how much of the cut reply was played
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipecat.frames.frames import (
@@ -27,10 +28,14 @@ class PlayoutTracker(FrameProcessor):
     """Sits right after the output transport, which pushes each audio chunk on once written.
 
     TTSStartedFrame travels in order with the audio, so the count restarts exactly where a reply's
-    audio begins. InterruptionFrame arrives after the transport has dropped its queue."""
+    audio begins. InterruptionFrame arrives after the transport has dropped its queue.
 
-    def __init__(self, **kwargs):
+    `unplayed`: for a transport that sends ahead of playback (Twilio queues audio at its end), a callable
+    giving the seconds written but not yet played when the barge-in came; they are not counted."""
+
+    def __init__(self, unplayed: Callable[[], float] | None = None, **kwargs):
         super().__init__(**kwargs)
+        self._unplayed = unplayed
         self._played = 0.0
         self._speaking = False
 
@@ -45,5 +50,6 @@ class PlayoutTracker(FrameProcessor):
                 self._speaking = False
             elif isinstance(frame, InterruptionFrame) and self._speaking:
                 self._speaking = False
-                await self.push_frame(AudioPlayedFrame(seconds=self._played), FrameDirection.UPSTREAM)
+                played = self._played - (self._unplayed() if self._unplayed else 0.0)
+                await self.push_frame(AudioPlayedFrame(seconds=max(0.0, played)), FrameDirection.UPSTREAM)
         await self.push_frame(frame, direction)

@@ -53,7 +53,18 @@ class ChromaS2SService(LLMService):
     on_input_dropped(service, reason).
     """
 
-    def __init__(self, session, *, preroll_secs: float = 0.5, max_turn_secs: float = 60.0, **kwargs):
+    def __init__(
+        self,
+        session,
+        *,
+        out_rate: int = SAMPLE_RATE,
+        preroll_secs: float = 0.5,
+        max_turn_secs: float = 60.0,
+        **kwargs,
+    ):
+        """`out_rate`: the rate the call's output transport plays (8000 on the phone). Each reply is
+        resampled here and its filter flushed when the reply ends, so no reply's last ~0.1 s waits in
+        a streaming resampler for the next reply."""
         # Sampling lives in the session; pipecat's text-LLM knobs do not apply to a speech model.
         settings = LLMSettings(
             model=str(getattr(session.model, "source", "chroma")),
@@ -78,6 +89,7 @@ class ChromaS2SService(LLMService):
         self._turn: bytearray | None = None
         self._turn_overflow = False
         self._resampler: tuple[int, StreamResampler] | None = None
+        self.out_rate = out_rate
         self._reply_task: asyncio.Task | None = None
         self._frames_pushed = 0
         self._turn_count = 0
@@ -192,6 +204,7 @@ class ChromaS2SService(LLMService):
         await self.push_frame(LLMFullResponseStartFrame())
         said = ""
         started = False
+        out = StreamResampler(SAMPLE_RATE, self.out_rate) if self.out_rate != SAMPLE_RATE else None
         try:
             async for chunk in self.session.respond(user_audio):
                 if not started:
@@ -200,7 +213,9 @@ class ChromaS2SService(LLMService):
                     await self._call_event_handler("on_first_audio", time.time() - turn_end)
                     await self.push_frame(TTSStartedFrame())
                 pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
-                audio = TTSAudioRawFrame(audio=pcm, sample_rate=SAMPLE_RATE, num_channels=1)
+                if out is not None:
+                    pcm = out.process(pcm)
+                audio = TTSAudioRawFrame(audio=pcm, sample_rate=self.out_rate, num_channels=1)
                 await self.process_ttfa_metrics(audio)  # pipecat's TTFA: first byte plus leading silence
                 await self.push_frame(audio)
                 self._frames_pushed = chunk.frames[1]
@@ -213,6 +228,9 @@ class ChromaS2SService(LLMService):
         finally:
             await self.stop_processing_metrics()
         if started:
+            tail = out.flush() if out is not None else b""
+            if tail:
+                await self.push_frame(TTSAudioRawFrame(audio=tail, sample_rate=self.out_rate, num_channels=1))
             await self.push_frame(TTSStoppedFrame())
         await self.push_frame(LLMFullResponseEndFrame())
         await self._call_event_handler("on_turn_finished", said, False)
