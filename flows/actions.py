@@ -1,0 +1,209 @@
+"""Telephony actions a flow node can run before or after the model speaks, and `CallControl`, the
+interface the call side implements to carry them out.
+
+    pre_actions:
+      - type: say
+        text: "Thanks, {{ caller.first_name }}. Let me check that order."
+    post_actions:
+      - type: transfer_call
+        to: "+15551234567"          # E.164, or sip:agent@pbx.example.com
+      - type: send_dtmf
+        digits: "1234#"
+      - type: play
+        wav: audio/hold.wav         # relative to the flow file
+      - type: end_call              # hang up once the current sentence has been spoken
+
+They are custom action types in pipecat's flow format, so `FlowManager` runs them as it runs any
+action; each is handed the call's `CallControl`.
+"""
+
+from __future__ import annotations
+
+import re
+import wave
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from loguru import logger
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .problems import Problem, from_validation, show
+from .templates import MissingValue, render
+
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+SIP_URI = re.compile(r"^sips?:([^@\s]+@)?[^@\s:;]+(:\d{1,5})?(;[^\s]*)?$")
+DTMF_DIGITS = re.compile(r"^[0-9*#A-Da-d]{1,32}$")
+
+
+@runtime_checkable
+class CallControl(Protocol):
+    """What a flow can ask of the call it runs in. The call side (transport plus engine) implements it
+    once per call; every method returns once the request is accepted, not when it has played out."""
+
+    async def hang_up(self, after_current_sentence: bool = True) -> None:
+        """End the call, at once or once the sentence being spoken is finished."""
+
+    async def transfer(self, target: str) -> None:
+        """Hand the caller to an E.164 number (`+15551234567`) or a SIP URI, through the transport."""
+
+    async def send_dtmf(self, digits: str) -> None:
+        """Send DTMF tones (0-9, *, #, A-D) to the far end."""
+
+    async def play(self, wav_path: Path) -> None:
+        """Play a WAV file (absolute path) to the caller."""
+
+    async def say(self, text: str) -> None:
+        """Speak fixed text in the agent's current voice, through the model's own speech path."""
+
+    async def set_voice(self, name: str) -> None:
+        """Speak from now on in the named voice from the voice library."""
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndCallArgs(_Args):
+    after_current_sentence: StrictBool = True
+
+
+class TransferCallArgs(_Args):
+    to: StrictStr
+
+    @field_validator("to")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        if not (E164.match(value) or SIP_URI.match(value)):
+            raise ValueError(
+                "an E.164 number like '+15551234567' or a SIP URI like 'sip:agent@pbx.example.com'"
+            )
+        return value
+
+
+class SendDtmfArgs(_Args):
+    digits: StrictStr
+
+    @field_validator("digits")
+    @classmethod
+    def _digits(cls, value: str) -> str:
+        if not DTMF_DIGITS.match(value):
+            raise ValueError("1 to 32 DTMF digits: 0-9, *, #, A-D")
+        return value
+
+
+class PlayArgs(_Args):
+    wav: Path
+
+    @field_validator("wav")
+    @classmethod
+    def _wav(cls, value: Path, info: ValidationInfo) -> Path:
+        path = ((info.context or {}).get("base", Path.cwd()) / value.expanduser()).resolve()
+        if not path.is_file():
+            raise ValueError(f"an existing WAV file (looked for {path})")
+        try:
+            with wave.open(str(path), "rb") as w:
+                w.getnframes()
+        except (wave.Error, EOFError, OSError) as exc:
+            raise ValueError(f"a readable PCM WAV file ({path}: {exc})") from None
+        return path
+
+
+class SayArgs(_Args):
+    text: StrictStr
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the text to speak")
+        return value
+
+
+ACTION_ARGS: dict[str, type[_Args]] = {
+    "end_call": EndCallArgs,
+    "transfer_call": TransferCallArgs,
+    "send_dtmf": SendDtmfArgs,
+    "play": PlayArgs,
+    "say": SayArgs,
+}
+NOT_FOR_SPEECH_TO_SPEECH = {
+    "tts_say": "use say: there is no separate TTS service; say speaks in the agent's own voice",
+    "end_conversation": "use end_call, which hangs up the phone call after the current sentence",
+    "function": "flow files run no inline Python actions; declare a tool under tools: instead",
+}
+
+
+def check_action(action: Any, base: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """An action from the file as pipecat's action dict with its arguments checked (paths made
+    absolute), or the problems with it, located inside the action."""
+    if not isinstance(action, dict):
+        return None, [((), f"{show(action)} is not allowed; expected a mapping with type and its arguments")]
+    kind = action.get("type")
+    if kind in NOT_FOR_SPEECH_TO_SPEECH:
+        return None, [(("type",), f"{kind!r} is not supported here; {NOT_FOR_SPEECH_TO_SPEECH[kind]}")]
+    if kind not in ACTION_ARGS:
+        return None, [(("type",), f"{show(kind)} is not allowed; expected one of {', '.join(ACTION_ARGS)}")]
+    if "handler" in action:
+        return None, [(("handler",), "unknown key; telephony actions are carried out by the call itself")]
+    args = {k: v for k, v in action.items() if k != "type"}
+    try:
+        checked = ACTION_ARGS[kind].model_validate(args, context={"base": base})
+    except ValidationError as exc:
+        return None, from_validation(exc)
+    return {"type": kind, **{k: str(v) if isinstance(v, Path) else v for k, v in checked}}, []
+
+
+ActionHandler = Callable[[dict[str, Any], Any], Awaitable[None]]
+
+
+def action_handlers(control: CallControl) -> dict[str, ActionHandler]:
+    """One pipecat action handler per telephony action, all acting on `control`.
+
+    pipecat registers a handler per action type on first use, so a handler reads what to do from the
+    action dict it is given, never from the node it was built for.
+    """
+
+    async def end_call(action: dict, flow_manager: Any) -> None:
+        await _guard(action, control.hang_up(action.get("after_current_sentence", True)))
+
+    async def transfer_call(action: dict, flow_manager: Any) -> None:
+        await _guard(action, control.transfer(action["to"]))
+
+    async def send_dtmf(action: dict, flow_manager: Any) -> None:
+        await _guard(action, control.send_dtmf(action["digits"]))
+
+    async def play(action: dict, flow_manager: Any) -> None:
+        await _guard(action, control.play(Path(action["wav"])))
+
+    async def say(action: dict, flow_manager: Any) -> None:
+        try:
+            text = render(action["text"], flow_manager.state)
+        except MissingValue as exc:
+            logger.error(f"flow action say: {{{{ {exc.path} }}}} has no value yet; the text is not spoken")
+            return
+        await _guard(action, control.say(text))
+
+    return {
+        "end_call": end_call,
+        "transfer_call": transfer_call,
+        "send_dtmf": send_dtmf,
+        "play": play,
+        "say": say,
+    }
+
+
+async def _guard(action: dict, request: Awaitable[None]) -> None:
+    # A failed action is logged, not raised: pipecat would abort the node transition it belongs to.
+    try:
+        await request
+    except Exception:
+        logger.exception(f"flow action {action['type']} failed")

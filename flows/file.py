@@ -1,0 +1,392 @@
+"""The flow file: pipecat's flow format (`FlowConfig` YAML) with what a phone agent adds, checked in
+full before the first call.
+
+    flow = load_flow("examples/flows/customer_service/flow.yaml")
+    flow.config         # pipecat's FlowConfig: nodes, functions, transitions, actions
+    flow.tools          # name -> ToolSpec (flows.tools)
+    flow.voices, flow.dtmf, flow.state
+
+What the file adds to pipecat's format, none of which pipecat itself sees:
+
+- `tools:` the tools the nodes' functions name (see `flows.tools`); a function entry that is not
+  `transition_only` names one of them;
+- per node, `voice:` (a voice from the library) and `collect_dtmf:` (see `flows.dtmf`);
+- the actions `end_call`, `transfer_call`, `send_dtmf`, `play` and `say` (see `flows.actions`);
+- `state:` initial values for `{{ placeholders }}` (the call side may add more at the start).
+
+Every problem fails the load, all of them reported together, each as `file:line: field: message`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pipecat.flows import FlowConfig
+from pydantic import ConfigDict, Field, StrictStr, ValidationError, field_validator
+
+from .actions import check_action
+from .dtmf import DtmfSpec
+from .problems import FlowFileError, Lines, Loc, Problem, dotted, from_validation, parse, show
+from .schema import schema_problems
+from .templates import placeholders
+from .tools import ENV_VALUE, TOOL_NAME, ToolSpec, load_python, signature_problems
+
+TOP_LEVEL = ("initial_node", "nodes", "global_functions", "tools", "state")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class NodeSpec(FlowConfig.Node):
+    """pipecat's node, plus the voice it speaks in and the digits it collects."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    voice: StrictStr | None = Field(None, min_length=1, description="Voice name from the voice library.")
+    collect_dtmf: DtmfSpec | None = Field(None, description="Collect keypad digits and route on them.")
+
+    @field_validator("voice")
+    @classmethod
+    def _voice_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("a voice name")
+        return value
+
+
+@dataclass(frozen=True)
+class FlowFile:
+    """A checked flow file. `config` is exactly what pipecat's flow format describes."""
+
+    path: Path
+    config: FlowConfig
+    tools: dict[str, ToolSpec]
+    functions: dict[str, Callable] = field(default_factory=dict)  # Python tools, by tool name
+    voices: dict[str, str] = field(default_factory=dict)  # node -> voice name
+    dtmf: dict[str, DtmfSpec] = field(default_factory=dict)  # node -> how it collects digits
+    state: dict[str, Any] = field(default_factory=dict)  # initial values of state
+
+    def environment(self) -> dict[str, list[str]]:
+        """Environment variables the HTTP tools read at call time, with the tools that read each."""
+        names: dict[str, list[str]] = {}
+        for name, tool in self.tools.items():
+            for text in tool.http.headers.values() if tool.http else ():
+                for variable in ENV_VALUE.findall(text):
+                    names.setdefault(variable, []).append(name)
+        return names
+
+
+def load_flow(path: str | Path) -> FlowFile:
+    """Read and check a flow file; raises FlowFileError naming every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise FlowFileError(
+            path, [(None, "", f"cannot be read ({reason}); expected a UTF-8 YAML file")]
+        ) from None
+    try:
+        root, data = parse(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
+        raise FlowFileError(
+            path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise FlowFileError(path, [(None, "", f"invalid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        found = "the file is empty" if root is None else f"{show(data)} at the top level"
+        raise FlowFileError(path, [(1, "", f"{found}; expected a mapping with initial_node and nodes")])
+    lines = Lines(root)
+    checker = _Checker(path.resolve().parent, data)
+    flow = checker.run(path)
+    problems = lines.duplicates + [(lines.of(loc), dotted(loc), message) for loc, message in checker.problems]
+    if problems:
+        raise FlowFileError(path, problems)
+    return flow
+
+
+class _Checker:
+    """Checks each section on its own, so one bad part does not hide the problems in the others."""
+
+    def __init__(self, base: Path, data: dict[str, Any]):
+        self.base, self.data = base, data
+        self.problems: list[Problem] = []
+        self.tools: dict[str, ToolSpec] = {}
+        self.functions: dict[str, Callable] = {}
+        self.nodes: dict[str, NodeSpec] = {}
+        self.actions: dict[Loc, list[dict]] = {}
+        self.node_functions: dict[str, list[FlowConfig.Function]] = {}
+        self.node_dtmf: dict[str, DtmfSpec | None] = {}
+
+    def problem(self, loc: Loc, message: str) -> None:
+        self.problems.append((loc, message))
+
+    def run(self, path: Path) -> FlowFile | None:
+        for key in self.data:
+            if key not in TOP_LEVEL:
+                self.problem((key,), f"unknown key; expected one of {', '.join(TOP_LEVEL)}")
+        state = self._mapping("state")
+        for key in state:
+            if not isinstance(key, str) or not IDENTIFIER.match(key):
+                self.problem(
+                    ("state", str(key)),
+                    f"{show(key)} is not allowed as a state name; expected letters, digits and _",
+                )
+        for name, raw in self._mapping("tools").items():
+            self._tool(name, raw)
+        nodes = self._mapping("nodes", required=True)
+        for name, raw in nodes.items():
+            if isinstance(name, str):
+                self._node(name, raw)
+            else:
+                self.problem(
+                    ("nodes", str(name)), f"{show(name)} is not allowed as a node name; expected text"
+                )
+        globals_ = self._functions(self.data.get("global_functions", []), ("global_functions",))
+        initial = self.data.get("initial_node")
+        if initial is None:
+            self.problem(("initial_node",), "missing; expected the name of the node the call starts in")
+        elif not isinstance(initial, str) or initial not in nodes:
+            self.problem(
+                ("initial_node",),
+                f"{show(initial)} is not a node; expected one of {', '.join(map(str, nodes))}",
+            )
+        self._references(nodes, globals_, state)
+        if self.problems:
+            return None
+        return self._build(path, globals_, state)
+
+    def _mapping(self, key: str, required: bool = False) -> dict:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                self.problem((key,), "missing; expected a mapping of name to node")
+            return {}
+        if not isinstance(value, dict) or (required and not value):
+            self.problem((key,), f"{show(value)} is not allowed; expected a non-empty mapping")
+            return {}
+        return value
+
+    def _tool(self, name: Any, raw: Any) -> None:
+        loc = ("tools", str(name))
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            self.problem(
+                loc, f"{show(name)} is not allowed as a tool name; expected letters, digits and _ (up to 64)"
+            )
+            return
+        try:
+            tool = ToolSpec.model_validate(raw)
+        except ValidationError as exc:
+            self.problems += from_validation(exc, loc)
+            return
+        schema = schema_problems(tool.parameters)
+        for where, message in schema:
+            self.problem((*loc, "parameters", *where), message)
+        if tool.store_as is not None and not IDENTIFIER.match(tool.store_as):
+            self.problem(
+                (*loc, "store_as"), f"{tool.store_as!r} is not allowed; expected letters, digits and _"
+            )
+        if tool.python is not None:
+            try:
+                function = load_python(tool.python, self.base)
+            except (ImportError, AttributeError) as exc:
+                self.problem((*loc, "python"), f"{tool.python!r} cannot be loaded: {exc}")
+            else:
+                self.functions[name] = function
+                if not schema:
+                    for message in signature_problems(function, tool.parameters):
+                        self.problem((*loc, "python"), f"{tool.python!r}: {message}")
+        self.tools[name] = tool
+
+    def _node(self, name: str, raw: Any) -> None:
+        loc = ("nodes", name)
+        if not isinstance(raw, dict):
+            self.problem(loc, f"{show(raw)} is not allowed; expected a node: a mapping with task_messages")
+            return
+        raw = dict(raw)
+        for key in ("pre_actions", "post_actions"):
+            actions = raw.pop(key, None) or []
+            if not isinstance(actions, list):
+                self.problem((*loc, key), f"{show(actions)} is not allowed; expected a list of actions")
+                continue
+            checked = []
+            for i, action in enumerate(actions):
+                built, problems = check_action(action, self.base)
+                self.problems += [((*loc, key, i, *where), message) for where, message in problems]
+                checked.append(built)
+            self.actions[(name, key)] = checked
+        # Functions and keypad settings are checked apart from the rest, so that one bad field does
+        # not hide the references the others make.
+        functions = self._functions(raw.pop("functions", None) or [], (*loc, "functions"))
+        self.node_functions[name] = functions
+        seen: set[str] = set()
+        for i, function in enumerate(functions):
+            if function.name in seen:
+                self.problem((*loc, "functions", i, "name"), f"{function.name!r} is given twice in this node")
+            seen.add(function.name)
+        dtmf = None
+        if raw.get("collect_dtmf") is not None:
+            try:
+                dtmf = DtmfSpec.model_validate(raw["collect_dtmf"])
+            except ValidationError as exc:
+                self.problems += from_validation(exc, (*loc, "collect_dtmf"))
+            self.node_dtmf[name] = dtmf
+        raw.pop("collect_dtmf", None)
+        try:
+            node = NodeSpec.model_validate(raw)
+        except ValidationError as exc:
+            self.problems += from_validation(exc, loc)
+        else:
+            self.nodes[name] = node.model_copy(update={"functions": functions, "collect_dtmf": dtmf})
+
+    def _functions(self, raw: Any, loc: Loc) -> list[FlowConfig.Function]:
+        if not isinstance(raw, list):
+            self.problem(loc, f"{show(raw)} is not allowed; expected a list of functions")
+            return []
+        functions = []
+        for i, item in enumerate(raw):
+            if isinstance(item, dict) and "description" in item and not item.get("transition_only"):
+                # pipecat's own message points at a Python docstring; here tools describe themselves
+                self.problem(
+                    (*loc, i, "description"),
+                    "only a transition_only function takes a description; "
+                    "a tool's description goes in its declaration under tools:",
+                )
+                continue
+            try:
+                functions.append(FlowConfig.Function.model_validate(item))
+            except ValidationError as exc:
+                self.problems += from_validation(exc, (*loc, i))
+        return functions
+
+    def _references(self, nodes: dict, globals_: list[FlowConfig.Function], state: dict) -> None:
+        known_nodes = {str(n) for n in nodes}
+        global_names = {f.name for f in globals_}
+        for i, function in enumerate(globals_):
+            self._function(function, ("global_functions", i), known_nodes)
+        for name, functions in self.node_functions.items():
+            for i, function in enumerate(functions):
+                loc = ("nodes", name, "functions", i)
+                if function.name in global_names:
+                    self.problem(
+                        (*loc, "name"), f"{function.name!r} is also a global function; give it one place"
+                    )
+                self._function(function, loc, known_nodes)
+        for name, dtmf in self.node_dtmf.items():
+            if dtmf is not None:
+                dtmf_loc = ("nodes", name, "collect_dtmf")
+                for where, message in dtmf.route_problems():
+                    self.problem((*dtmf_loc, *where), message)
+                for where, target in dtmf.targets():
+                    if target not in known_nodes:
+                        self.problem((*dtmf_loc, *where), _unknown_node(target, known_nodes))
+        self._placeholders(state)
+
+    def _function(self, function: FlowConfig.Function, loc: Loc, known_nodes: set[str]) -> None:
+        tool = None
+        if not function.transition_only:
+            tool = self.tools.get(function.name)
+            declared = self.data.get("tools") if isinstance(self.data.get("tools"), dict) else {}
+            if function.name not in declared:
+                self.problem(
+                    (*loc, "name"),
+                    f"{function.name!r} is not a tool; expected one declared under tools: "
+                    f"({', '.join(map(str, declared)) or 'none declared'}), "
+                    "or transition_only: true with a description and transition_to",
+                )
+        target = function.transition_to
+        if isinstance(target, str):
+            if target not in known_nodes:
+                self.problem((*loc, "transition_to"), _unknown_node(target, known_nodes))
+        elif target is not None:
+            branch = (*loc, "transition_to")
+            for case, node in target.cases.items():
+                if node not in known_nodes:
+                    self.problem((*branch, "cases", case), _unknown_node(node, known_nodes))
+            if target.default is not None and target.default not in known_nodes:
+                self.problem((*branch, "default"), _unknown_node(target.default, known_nodes))
+            fields = tool.field_names() if tool else None
+            if fields is not None and target.field not in fields:
+                self.problem(
+                    (*branch, "field"),
+                    f"{target.field!r} is not a field tool {function.name} returns; expected one of {', '.join(fields)}",
+                )
+
+    def _placeholders(self, state: dict) -> None:
+        """Every `{{ name }}` must be something the flow sets: initial state, a tool's result, digits."""
+        sources: dict[str, list[str] | None] = {str(k): None for k in state}
+        for name, tool in self.tools.items():
+            sources[tool.store_as or name] = tool.field_names()
+        for dtmf in self.node_dtmf.values():
+            if dtmf is not None and dtmf.store_as:
+                sources[dtmf.store_as] = None
+        texts: list[tuple[Loc, str, set[str] | None]] = []  # where, text, a tool's arguments (URLs)
+        for name, node in self.nodes.items():
+            if node.role_message:
+                texts.append((("nodes", name, "role_message"), node.role_message, None))
+            for i, message in enumerate(node.task_messages):
+                texts.append((("nodes", name, "task_messages", i, "content"), message.content, None))
+        for (name, key), actions in self.actions.items():
+            for i, action in enumerate(actions):
+                if action and action["type"] == "say":
+                    texts.append((("nodes", name, key, i, "text"), action["text"], None))
+        for name, tool in self.tools.items():
+            if tool.http is not None:
+                arguments = set(tool.parameters.get("properties", {}))
+                texts.append((("tools", name, "http", "url"), tool.http.url, arguments))
+        for loc, text, local in texts:
+            for path in placeholders(text):
+                head, *rest = path.split(".")
+                if local is not None and head in local:
+                    continue
+                if head not in sources:
+                    where = "an argument of the tool (parameters), " if local is not None else ""
+                    self.problem(
+                        loc,
+                        f"{{{{ {path} }}}} is never set; expected {where}a state: entry, a tool's name or store_as, or a collect_dtmf store_as",
+                    )
+                elif rest and sources[head] is not None and rest[0] not in sources[head]:
+                    self.problem(
+                        loc,
+                        f"{{{{ {path} }}}}: {rest[0]!r} is not a field the tool returns; expected one of {', '.join(sources[head])}",
+                    )
+
+    def _build(self, path: Path, globals_: list, state: dict) -> FlowFile | None:
+        nodes = {}
+        for name, node in self.nodes.items():
+            spec = node.model_dump(exclude={"voice", "collect_dtmf"}, exclude_defaults=True, mode="json")
+            spec["task_messages"] = [m.model_dump() for m in node.task_messages]
+            for key in ("pre_actions", "post_actions"):
+                if self.actions.get((name, key)):
+                    spec[key] = self.actions[(name, key)]
+            nodes[name] = spec
+        # Everything pipecat checks has been checked above, with lines; this only builds its object.
+        try:
+            config = FlowConfig.model_validate(
+                {
+                    "initial_node": self.data["initial_node"],
+                    "nodes": nodes,
+                    "global_functions": [f.model_dump(exclude_defaults=True, mode="json") for f in globals_],
+                }
+            )
+        except ValidationError as exc:
+            self.problem((), f"pipecat's flow format rejects the file: {exc}")
+            return None
+        return FlowFile(
+            path=path.resolve(),
+            config=config,
+            tools=self.tools,
+            functions=self.functions,
+            voices={n: node.voice for n, node in self.nodes.items() if node.voice},
+            dtmf={n: node.collect_dtmf for n, node in self.nodes.items() if node.collect_dtmf},
+            state=dict(state),
+        )
+
+
+def _unknown_node(name: str, known: set[str]) -> str:
+    return f"{name!r} is not a node; expected one of {', '.join(sorted(known))}"
