@@ -27,6 +27,7 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from processors.chroma.config import LISTEN_RATE
+from transports.sip.calls import sip_server
 
 from .runtime import STAND_IN_NOTICE, AgentRuntime, Call
 
@@ -128,18 +129,42 @@ class WebRTCCalls:
                 await connection.disconnect()
 
 
-def create_app(runtime: AgentRuntime) -> FastAPI:
+def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
+    """``public_url`` (the base Twilio reaches this server at) overrides transports.twilio.public_url."""
     calls = WebRTCCalls(runtime)
+    twilio = None
+    if runtime.spec.transports.twilio.enabled:
+        from .twilio_routes import twilio_router
+
+        twilio = twilio_router(runtime, public_url)  # fails here, before serving, if misconfigured
     page = PAGE.read_text(encoding="utf-8")
+
+    # Built here so that a bad SIP setup (e.g. its password variable unset) fails before serving.
+    sip = sip_server(runtime) if runtime.spec.transports.sip.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        yield
-        await calls.close_all()
+        if sip is not None:
+            await sip.start()
+            spec = runtime.spec.transports.sip
+            logger.info(
+                f"SIP calls on udp {spec.host}:{sip.port} (contact {spec.public_address or spec.host}), "
+                f"RTP ports {spec.rtp_ports[0]}-{spec.rtp_ports[1]}, codecs {', '.join(spec.codecs)}"
+            )
+        try:
+            yield
+        finally:
+            if sip is not None:
+                await sip.stop()
+                await sip.handler.close()
+            await calls.close_all()
 
     app = FastAPI(title=f"chroma-agents: {runtime.spec.name}", lifespan=lifespan)
     app.state.runtime = runtime
     app.state.calls = calls
+    if twilio is not None:
+        app.include_router(twilio)
+    app.state.sip = sip
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -195,11 +220,11 @@ def create_app(runtime: AgentRuntime) -> FastAPI:
     return app
 
 
-def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080) -> None:
+def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080, public_url: str | None = None) -> None:
     """Run the server until interrupted; active calls are hung up on the way out."""
     # The model, torch and pipecat leave ~400k long-lived objects; a full collection walking them
     # stalls the event loop, so every call's audio, for 300-400 ms (measured at 50-100 calls).
     # Freezing them once loaded keeps full collections to the objects calls create.
     gc.collect()
     gc.freeze()
-    uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(runtime, public_url), host=host, port=port, log_level="info")

@@ -1,16 +1,12 @@
 import base64
 import hashlib
 import hmac
-import json
-import threading
 import xml.etree.ElementTree as ET
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
 import pytest
-from twilio.http.http_client import TwilioHttpClient
-from twilio.rest import Client
 
+from tests.transports.twilio_cloud import LocalTwilioCloud
 from transports.twilio_webhook import (
     StreamTokens,
     connect_twiml,
@@ -285,52 +281,10 @@ def test_transfer_twiml_rejects_bad_target(target):
 # --- REST (Twilio's cloud replaced by a local HTTP stand-in) ---------------------------------------
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    requests: list[dict] = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-        self.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        sid = self.path.rsplit("/", 1)[-1].removesuffix(".json")
-        payload = json.dumps({"sid": sid, "account_sid": ACCOUNT, "status": "in-progress"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-class _LocalTwilio(TwilioHttpClient):
-    """The real requests-based client, with api.twilio.com pointed at the local stand-in."""
-
-    def __init__(self, base: str):
-        super().__init__()
-        self.base = base
-
-    def request(self, method, url, *args, **kwargs):
-        assert url.startswith("https://api.twilio.com/")
-        return super().request(method, url.replace("https://api.twilio.com", self.base, 1), *args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def local_cloud():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
-def twilio_cloud(local_cloud):
-    _Recorder.requests.clear()
-    return Client(ACCOUNT, AUTH_TOKEN, http_client=_LocalTwilio(local_cloud)), _Recorder.requests
+def twilio_cloud():
+    with LocalTwilioCloud.running(ACCOUNT, AUTH_TOKEN) as cloud:
+        yield cloud.client, cloud.requests
 
 
 def test_update_call_posts_twiml(twilio_cloud):

@@ -1,8 +1,11 @@
 """Fixed-depth jitter buffer for one 8 kHz G.711 RTP stream.
 
 The receiver's clock calls `pop()` once per ptime; each call plays the next
-sequence number. Playback starts once `depth_packets` are buffered, which is the
-delay that absorbs network jitter. Sequence numbers are 16 bits on the wire and
+sequence number. Playback starts once enough packets are buffered to absorb the
+network's jitter: `depth_packets` at least, more when the measured jitter (RFC 3550)
+calls for it, up to `max_depth`. A phone sends packets even in silence, so that
+depth is a delay on everything the caller says, barge-in included: it starts small
+and grows only when an underrun restarts playback on a jittery network. Sequence numbers are 16 bits on the wire and
 wrap; inside the buffer they are widened to unbounded "extended" numbers
 (RFC 3550 appendix A.1) so that ordering is plain integer comparison.
 
@@ -13,6 +16,7 @@ fade sounds better for one lost packet, but belongs with the codec, not here.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from aiortc.rtp import RtpPacket
@@ -28,11 +32,14 @@ def seq_delta(seq: int, reference: int) -> int:
 
 
 class JitterBuffer:
-    def __init__(self, *, ptime_ms: int = 20, depth_packets: int = 3, max_packets: int = 50) -> None:
-        if not 1 <= depth_packets <= max_packets:
-            raise ValueError("need 1 <= depth_packets <= max_packets")
+    def __init__(
+        self, *, ptime_ms: int = 20, depth_packets: int = 3, max_depth: int = 8, max_packets: int = 50
+    ) -> None:
+        if not 1 <= depth_packets <= max_depth <= max_packets:
+            raise ValueError("need 1 <= depth_packets <= max_depth <= max_packets")
         self.ptime_ms = ptime_ms
         self.depth_packets = depth_packets
+        self.max_depth = max_depth
         self.max_packets = max_packets
         self.received = 0
         self.played = 0
@@ -58,6 +65,12 @@ class JitterBuffer:
     @property
     def jitter_ms(self) -> float:
         return self.jitter * 1000 / G711_CLOCK_RATE
+
+    @property
+    def start_depth(self) -> int:
+        """Packets to buffer before playing: room for about three times the mean jitter."""
+        wanted = 1 + math.ceil(3 * self.jitter_ms / self.ptime_ms)
+        return min(self.max_depth, max(self.depth_packets, wanted))
 
     @property
     def buffered(self) -> int:
@@ -119,7 +132,8 @@ class JitterBuffer:
                 return None
             self._waited += 1
             # Start at full depth, or after waiting that long for a short talk spurt.
-            if len(self._buffer) < self.depth_packets and self._waited <= self.depth_packets:
+            depth = self.start_depth
+            if len(self._buffer) < depth and self._waited <= depth:
                 return None
             first = min(self._buffer)
             if self._next is not None:

@@ -146,3 +146,23 @@ def test_buffer_never_grows_past_max_packets():
         buffer.push(rtp(i), 0.0)
     assert buffer.buffered == 8
     assert [label(buffer.pop()) for _ in range(3)] == [12, 13, 14]
+
+
+def test_start_depth_grows_with_measured_jitter_and_applies_at_the_next_start():
+    buffer = JitterBuffer(depth_packets=2, max_depth=6)
+    steady = JitterBuffer(depth_packets=2, max_depth=6)
+    for seq in range(40):
+        # the same stream, on time vs. arriving up to 30 ms early or late
+        steady.push(rtp(seq), seq * PTIME)
+        buffer.push(rtp(seq), seq * PTIME + (0.03 if seq % 2 else -0.03))
+    assert steady.start_depth == 2
+    assert 2 < buffer.start_depth <= 6
+    # playback starts only once that larger depth is buffered
+    buffer = JitterBuffer(depth_packets=2, max_depth=6)
+    buffer.jitter = 0.02 * 8000  # 20 ms measured: room for 3 x 20 ms, so 4 packets
+    assert buffer.start_depth == 4
+    played = []
+    for seq in range(6):
+        buffer.push(rtp(seq), seq * PTIME)  # on time: the estimate decays only slowly
+        played.append(label(buffer.pop()))
+    assert played == [None, None, None, 0, 1, 2]

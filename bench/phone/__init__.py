@@ -1,0 +1,1 @@
+"""Phone benchmark: concurrent Twilio Media Streams and SIP/RTP calls against one server."""

@@ -1,0 +1,318 @@
+"""Whole SIP calls to an agent (tiny model) through the real SipServer, SipCalls and RTP media,
+placed by real SIP phones: SIPp (speech, an RFC 4733 key, BYE; and a 20-call load run) and baresip
+(which records what it heard, so the agent's audio is checked as the caller received it)."""
+
+import asyncio
+import json
+import random
+import re
+import resource
+import shutil
+import socket
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipecat.audio.dtmf.types import KeypadEntry
+from pipecat.frames.frames import InputDTMFFrame
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+
+from agent.runtime import AgentRuntime
+from agent.server import create_app
+from agent.spec import load_agent
+from processors.audio import ulaw_encode
+from tests.speech import requires_espeak, silence, synthesize
+from transports.sip.calls import sip_server
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = Path(__file__).parent / "sip_scenarios"
+SIPP = shutil.which("sipp")
+BARESIP = shutil.which("baresip")
+DTMF_PCAP = Path("/usr/share/sip-tester/dtmf_2833_5.pcap")
+HOST = "127.0.0.1"
+
+needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (apt-get install sip-tester)")
+
+
+def free_port(span: int = 1) -> int:
+    """A port P with P..P+span-1 free on 127.0.0.1 (SIPp's media port takes the ones after it too)."""
+    for _ in range(200):
+        port = random.randrange(20000, 60000, 2)
+        sockets = []
+        try:
+            for offset in range(span):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind((HOST, port + offset))
+            return port
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free UDP port found")
+
+
+def agent_file(folder: Path, extra: str = "") -> Path:
+    """A tiny-model agent with short turns and replies, speaking in a copy of the demo voice."""
+    voice = folder / "voice"
+    voice.mkdir()
+    shutil.copy(ROOT / "examples/voices/demo/reference.wav", voice / "reference.wav")
+    transcript = (ROOT / "examples/voices/demo/transcript.txt").read_text().strip()
+    (voice / "voice.yaml").write_text(
+        f"name: demo\nlanguage: en\ntranscript: {json.dumps(transcript)}\naudio: reference.wav\n"
+        "consent: {given_by: test suite, date: 2026-11-22, use: tests, synthetic: true}\n"
+    )
+    path = folder / "agent.yaml"
+    path.write_text(
+        "name: sip test agent\nmodel: tiny\nvoice: ./voice\nsystem_prompt: You are a test agent.\n"
+        "turn: {detector: silence, silence_secs: 0.5}\nresponse: {max_seconds: 1}\n" + extra
+    )
+    return path
+
+
+class DtmfLog(BaseObserver):
+    def __init__(self):
+        super().__init__()
+        self.keys: list[KeypadEntry] = []
+        self._seen: set[int] = set()
+
+    async def on_push_frame(self, data: FramePushed):
+        if isinstance(data.frame, InputDTMFFrame) and data.frame.id not in self._seen:
+            self._seen.add(data.frame.id)
+            self.keys.append(data.frame.button)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from processors.chroma.checkpoint import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture
+async def agent(tmp_path, tiny_model):
+    """A running SIP agent; yields (server, handler, calls, dtmf_log). Every call it builds is recorded."""
+    rtp_first = random.randrange(30000, 59000, 2)
+    sip = f"{{enabled: true, host: {HOST}, port: {free_port()}, rtp_ports: [{rtp_first}, {rtp_first + 199}], max_calls: 25}}"
+    path = agent_file(tmp_path, f"transports:\n  sip: {sip}\n")
+    runtime = AgentRuntime(load_agent(path), model=tiny_model)
+    calls, dtmf = [], DtmfLog()
+    new_call = runtime.new_call
+
+    def recording_new_call(transport, **kwargs):
+        call = new_call(transport, **kwargs)
+        call.worker.add_observer(dtmf)
+        calls.append(call)
+        return call
+
+    runtime.new_call = recording_new_call
+    server = sip_server(runtime)
+    await server.start()
+    try:
+        yield server, server.handler, calls, dtmf
+    finally:
+        await server.stop()
+        await server.handler.close()
+
+
+async def run(command: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode, output.decode(errors="replace")[-3000:]
+
+
+async def sipp(
+    scenario: str, server_port: int, workdir: Path, *options: str, calls: int = 1, timeout: int = 40
+):
+    command = [
+        SIPP, "-sf", str(SCENARIOS / scenario), "-s", "agent", "-i", HOST, "-p", str(free_port()),
+        "-mp", str(free_port(4)), "-m", str(calls), "-nostdin", "-timeout", f"{timeout}s", "-timeout_error",
+        "-trace_err", *options, f"{HOST}:{server_port}",
+    ]  # fmt: skip
+    code, output = await run(command, workdir, timeout + 15)
+    errors = "\n".join(p.read_text(errors="replace")[-2000:] for p in workdir.glob("*_errors.log"))
+    assert code == 0, f"sipp exited {code}\n{output}\n{errors}"
+
+
+def caller_speech(workdir: Path, text: str) -> np.ndarray:
+    """Raw mu-law 8 kHz for SIPp's rtp_stream (no header: SIPp sends the file byte for byte)."""
+    pcm = synthesize(text, 8000)
+    (workdir / "caller.ulaw").write_bytes(ulaw_encode(pcm))
+    return pcm
+
+
+async def all_ended(handler, count: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while handler.media or len(handler.finished) < count:
+        assert time.monotonic() < deadline, (
+            f"{len(handler.media)} calls still up, {len(handler.finished)} ended"
+        )
+        await asyncio.sleep(0.05)
+
+
+@requires_espeak
+@needs_sipp
+async def test_sipp_call_speaks_presses_a_key_and_hangs_up(agent, tmp_path):
+    server, handler, calls, dtmf = agent
+    caller_speech(tmp_path, "Hello, I would like to check on my order please.")
+    shutil.copy(DTMF_PCAP, tmp_path / "dtmf.pcap")
+
+    await sipp("uac_speech_dtmf.xml", server.port, tmp_path)
+    await all_ended(handler, 1)
+
+    ((call_id, reason, rtp),) = handler.finished
+    assert reason == "bye"
+    assert rtp["packets_in"] > 80 and rtp["bad"] == 0  # the caller's speech arrived as RTP
+    assert rtp["packets_out"] > 200  # ours went back on the 20 ms clock for the whole call
+    assert dtmf.keys == [KeypadEntry.FIVE]  # the pcap's RFC 4733 key, as InputDTMFFrame in the pipeline
+    (call,) = calls
+    assert call.stats.call_id == call_id and call.stats.turns >= 1 and call.stats.ttfa
+    assert handler.pool.in_use == set() and server.dialogs == {}
+    await asyncio.wait_for(_no_calls(call.runtime), 10)
+
+
+async def _no_calls(runtime) -> None:
+    while runtime.calls:
+        await asyncio.sleep(0.05)
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.astype(np.int16).tobytes())
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as wav:
+        return np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
+
+
+async def baresip_config(workdir: Path, wav: Path) -> Path:
+    """baresip's generated defaults, made headless: file microphone, null speaker, recordings on,
+    nothing listening beyond loopback."""
+    config_dir = workdir / "bs"
+    await run([BARESIP, "-f", str(config_dir), "-t", "1"], workdir, 20)
+    text = (config_dir / "config").read_text()
+    replace = {
+        r"^#?sip_listen.*$": f"sip_listen\t\t{HOST}:{free_port()}",
+        r"^audio_source.*$": f"audio_source\t\taufile,{wav}",
+        r"^audio_player.*$": "audio_player\t\talsa,null",
+        r"^audio_alert.*$": "audio_alert\t\talsa,null",
+        r"^#?snd_path.*$": f"snd_path\t\t{workdir / 'rec'}",
+        r"^#module\t+aufile\.so": "module\t\t\taufile.so",
+        r"^#module\t+sndfile\.so": "module\t\t\tsndfile.so",
+        r"^module\t+(stdio|stun|turn|ice)\.so": r"#module\t\t\t\1.so",
+        r"^(cons|http|ctrl_tcp)_listen.*$": rf"\1_listen\t\t{HOST}:0",
+    }
+    for pattern, value in replace.items():
+        text = re.sub(pattern, value, text, flags=re.M)
+    (config_dir / "config").write_text(text)
+    (config_dir / "accounts").write_text(f"<sip:caller@{HOST}>;regint=0;audio_codecs=PCMU\n")
+    (workdir / "rec").mkdir()
+    return config_dir
+
+
+@requires_espeak
+@pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (apt-get install baresip)")
+async def test_baresip_caller_hears_the_agent_answer(agent, tmp_path):
+    server, handler, calls, _dtmf = agent
+    speech = synthesize("Hello, can you tell me when the shop opens tomorrow?", 8000)
+    wav = tmp_path / "caller8k.wav"
+    # baresip hangs up when its file ends, so the silence after the question is the agent's time to answer.
+    write_wav(wav, np.concatenate([silence(0.5, 8000), speech, silence(3.0, 8000)]), 8000)
+    config = await baresip_config(tmp_path, wav)
+
+    code, output = await run(
+        [BARESIP, "-f", str(config), "-e", f"/dial sip:agent@{HOST}:{server.port}", "-t", "9"], tmp_path, 40
+    )
+    await all_ended(handler, 1)
+
+    ((_call_id, reason, rtp),) = handler.finished
+    assert rtp["packets_in"] > 200 and rtp["packets_out"] > 200, (rtp, output)
+    decoded = list((tmp_path / "rec").glob("*dec.wav"))
+    assert decoded, f"baresip recorded nothing\n{output}"
+    heard = read_wav(decoded[0]).astype(np.float64) / 32768
+    assert calls and calls[0].stats.ttfa, output
+    # The tiny model speaks noise, not words: the check is that the agent's audio reached the caller.
+    blocks = heard[: heard.size // 160 * 160].reshape(-1, 160)
+    loud = np.sqrt((blocks**2).mean(axis=1)) > 0.01
+    assert loud.sum() >= 10, f"caller heard {loud.sum()} non-silent 20 ms blocks\n{output}"
+    assert reason in ("bye", "hangup")
+    assert handler.pool.in_use == set()
+
+
+@requires_espeak
+@needs_sipp
+async def test_sipp_load_of_20_concurrent_calls_all_complete(agent, tmp_path):
+    server, handler, calls, _dtmf = agent
+    caller_speech(tmp_path, "Hello, I would like to check on my order.")
+    most = 0
+    start = handler.start
+
+    async def counting_start(dialog):
+        nonlocal most
+        await start(dialog)
+        most = max(most, sum(1 for m in handler.media.values() if m.call is not None))
+
+    handler.start = counting_start
+    cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    await sipp(
+        "uac_speech.xml",
+        server.port,
+        tmp_path,
+        "-r",
+        "20",
+        "-rp",
+        "1s",
+        "-l",
+        "20",
+        "-d",
+        "6000",
+        calls=20,
+        timeout=60,
+    )
+    await all_ended(handler, 20, timeout=30)
+    cpu1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+
+    assert len(handler.finished) == 20 and {r for _, r, _ in handler.finished} == {"bye"}
+    assert all(rtp["packets_in"] > 50 and rtp["packets_out"] > 100 for _, _, rtp in handler.finished)
+    assert most == 20
+    assert len(calls) == 20 and all(call.stats.ttfa for call in calls)  # every caller got an answer
+    assert handler.pool.in_use == set() and server.dialogs == {}
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    print(f"20-call load: {cpu:.1f} s CPU over {wall1 - wall0:.1f} s wall, {len(calls)} agent calls")
+
+
+async def test_the_app_runs_the_sip_server_for_its_lifespan(tmp_path, tiny_model):
+    port = free_port()
+    sip = f"{{enabled: true, host: {HOST}, port: {port}}}"
+    runtime = AgentRuntime(load_agent(agent_file(tmp_path, f"transports:\n  sip: {sip}\n")), model=tiny_model)
+    app = create_app(runtime)
+    options = (
+        f"OPTIONS sip:agent@{HOST}:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:9;branch=z9hG4bK-lifespan-1;rport\r\n"
+        f"From: <sip:probe@{HOST}>;tag=1\r\nTo: <sip:agent@{HOST}>\r\nCall-ID: lifespan-1\r\n"
+        "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((HOST, 0))
+        probe.settimeout(3)
+        async with app.router.lifespan_context(app):
+            probe.sendto(options, (HOST, port))
+            reply = await asyncio.get_running_loop().run_in_executor(None, probe.recv, 4096)
+            assert reply.startswith(b"SIP/2.0 200")
+    await asyncio.sleep(0.01)  # asyncio closes a datagram socket on the loop's next turn
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind((HOST, port))  # the SIP port was released on shutdown

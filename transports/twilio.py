@@ -1,0 +1,385 @@
+"""One Twilio phone call as a pipecat transport: a Media Stream WebSocket in, paced agent audio out.
+
+    transport = TwilioCallTransport(websocket, state, on_bad_input=lambda kind: ...)
+    call = runtime.new_call(transport, kind="twilio", call_id=state.call_sid, in_rate=8000, out_rate=8000)
+
+The route accepts the socket and reads `connected`/`start` through ``state`` (a TwilioStreamState) before
+building this; from StartFrame on, the input side reads the rest. The wire format lives in
+transports/twilio_wire.py; this module only moves frames and paces audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InputDTMFFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    TTSStoppedFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.transports.base_input import BaseInputTransport
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+from starlette.websockets import WebSocket, WebSocketState
+
+from processors.audio import ulaw_encode
+
+from .twilio_webhook import hangup_twiml, transfer_twiml, update_call
+from .twilio_wire import SAMPLE_RATE, Dtmf, Media, Stop, TwilioStreamState, media_message
+from .twilio_wire import Mark as MarkEcho
+
+CHUNK_SECS = 0.02  # one media message per 20 ms, the size Twilio itself sends
+# Twilio plays what we send in order from its own queue. Staying this far ahead of its playback keeps
+# the caller's audio gapless through our scheduling jitter while leaving little to `clear` on barge-in.
+LEAD_SECS = 0.2
+MARK_EVERY_CHUNKS = 4  # a mark per 80 ms of audio: one Chroma frame, the unit a cut reply is measured in
+# After the agent hangs up, how long past the estimated end of playback to wait for the last mark echo
+# before hanging up over REST (which cuts whatever Twilio still has queued).
+DRAIN_GRACE_SECS = 1.0
+
+BadInputCallback = Callable[[str], None]
+_warned_no_rest = False
+
+
+class TwilioCallTransport(BaseTransport):
+    """A pipecat transport over one accepted Media Stream WebSocket whose `start` was already read.
+
+    Events: ``on_client_disconnected(transport, websocket)`` when the caller sent `stop` or the socket
+    went away. ``on_bad_input(kind)`` is called once per dropped message (kinds from twilio_wire's
+    ERROR_KINDS, plus ``bad_dtmf``). For hang-up and transfer over REST, pass ``rest_client`` (a
+    ``twilio.rest.Client``) or ``account_sid`` and ``auth_token`` to build one.
+    """
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        state: TwilioStreamState,
+        *,
+        on_bad_input: BadInputCallback | None = None,
+        rest_client=None,
+        account_sid: str | None = None,
+        auth_token: str | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        if state.stream_sid is None:
+            raise ValueError(
+                "state has no stream yet: read Twilio's `start` message before building the transport"
+            )
+        self.websocket = websocket
+        self.state = state
+        self.caller_stopped = False  # Twilio sent `stop` (the call or stream already ended there)
+        self._on_bad_input = on_bad_input
+        self._rest_client = rest_client
+        self._account_sid = account_sid or state.account_sid
+        self._auth_token = auth_token
+        self._closing = False
+        self._send_lock = asyncio.Lock()
+        params = TransportParams(
+            audio_in_enabled=True,
+            audio_in_sample_rate=SAMPLE_RATE,
+            audio_out_enabled=True,
+            audio_out_sample_rate=SAMPLE_RATE,
+            audio_out_10ms_chunks=round(CHUNK_SECS * 100),
+            audio_out_end_silence_secs=0,  # silence would only delay the hang-up
+        )
+        self._input = TwilioInputTransport(self, params, name=f"{self.name}#input")
+        self._output = TwilioOutputTransport(self, params, name=f"{self.name}#output")
+        self._register_event_handler("on_client_disconnected")
+
+    def input(self) -> TwilioInputTransport:
+        return self._input
+
+    def output(self) -> TwilioOutputTransport:
+        return self._output
+
+    # -- the socket, shared by both sides --
+
+    async def send(self, text: str) -> bool:
+        """Send one message; False when the socket is gone (the caller left: nothing to report)."""
+        if self._closing or self.websocket.application_state != WebSocketState.CONNECTED:
+            return False
+        try:
+            async with self._send_lock:
+                await self.websocket.send_text(text)
+            return True
+        except Exception as e:  # a socket that vanished mid-send raises several kinds
+            logger.debug(f"Twilio call {self.state.call_sid}: send failed ({type(e).__name__}: {e})")
+            return False
+
+    async def close(self) -> None:
+        """Close the socket once; Twilio then ends the `<Connect>` (and the call, with no TwiML after it)."""
+        if self._closing:
+            return
+        self._closing = True
+        with contextlib.suppress(Exception):
+            if self.websocket.application_state == WebSocketState.CONNECTED:
+                await self.websocket.close()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def bad_input(self, kind: str) -> None:
+        if self._on_bad_input is not None:
+            try:
+                self._on_bad_input(kind)
+            except Exception:  # counting must never cost the call
+                logger.exception("Twilio bad-input callback failed")
+
+    async def caller_left(self) -> None:
+        await self._call_event_handler("on_client_disconnected", self.websocket)
+
+    # -- REST: hang up and transfer --
+
+    async def hang_up(self) -> bool:
+        """Hang the call up at Twilio (`<Hangup/>`). Errors are logged; returns whether Twilio took it."""
+        return await self._update(hangup_twiml(), "hang-up")
+
+    async def transfer(self, target: str) -> bool:
+        """Transfer the call (`<Dial>` an E.164 number or SIP URI). Errors are logged, never raised."""
+        try:
+            twiml = transfer_twiml(target)
+        except ValueError as e:
+            logger.error(f"Twilio call {self.state.call_sid}: transfer not sent: {e}")
+            return False
+        return await self._update(twiml, "transfer")
+
+    def _client(self):
+        if self._rest_client is None and self._account_sid and self._auth_token:
+            from twilio.rest import Client
+
+            self._rest_client = Client(self._account_sid, self._auth_token)
+        return self._rest_client
+
+    async def _update(self, twiml: str, what: str) -> bool:
+        client = self._client()
+        if client is None:
+            global _warned_no_rest
+            if not _warned_no_rest:  # a setting missing for the whole server: say it once, not per call
+                _warned_no_rest = True
+                logger.warning(
+                    f"Twilio {what} over REST needs an account SID and auth token (transports.twilio.account_sid "
+                    "or TWILIO_ACCOUNT_SID); without them an agent hang-up only closes the stream"
+                )
+            return False
+        try:
+            # twilio's client is synchronous (requests): keep it off the event loop.
+            await asyncio.to_thread(update_call, client, self.state.call_sid, twiml)
+            return True
+        except Exception as e:
+            logger.error(f"Twilio call {self.state.call_sid}: {what} failed: {type(e).__name__}: {e}")
+            return False
+
+
+class TwilioInputTransport(BaseInputTransport):
+    """Reads the socket from StartFrame on: caller audio, DTMF, mark echoes, `stop`."""
+
+    def __init__(self, transport: TwilioCallTransport, params: TransportParams, **kwargs):
+        super().__init__(params, **kwargs)
+        self._transport = transport
+        self._receive_task: asyncio.Task | None = None
+        self._stopping = False
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+        if not self._receive_task:
+            self._receive_task = self.create_task(self._receive(), "twilio-receive")
+
+    async def stop(self, frame: EndFrame):
+        # The receive task keeps running: the output still needs mark echoes while its audio drains.
+        # It ends when the output closes the socket (or at cleanup).
+        self._stopping = True
+        await super().stop(frame)
+
+    async def cancel(self, frame: CancelFrame):
+        self._stopping = True
+        await super().cancel(frame)
+        await self._stop_receiving()
+
+    async def cleanup(self):
+        await super().cleanup()
+        await self._stop_receiving()
+
+    async def _stop_receiving(self):
+        if self._receive_task:
+            await self.cancel_task(self._receive_task)
+            self._receive_task = None
+
+    async def _receive(self):
+        t = self._transport
+        ws, state = t.websocket, t.state
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    text = message.get("bytes") or b""
+                before = dict(state.counts)
+                event = state.receive(text)
+                if event is None:
+                    for kind, n in state.counts.items():
+                        if n > before.get(kind, 0):
+                            t.bad_input(kind)
+                    continue
+                if isinstance(event, Media):
+                    if not self._stopping:
+                        await self.push_audio_frame(
+                            InputAudioRawFrame(
+                                audio=event.payload.tobytes(), sample_rate=SAMPLE_RATE, num_channels=1
+                            )
+                        )
+                elif isinstance(event, Dtmf):
+                    await self._dtmf(event)
+                elif isinstance(event, MarkEcho):
+                    t.output().mark_echoed()
+                elif isinstance(event, Stop):
+                    t.caller_stopped = True
+                    break
+        except Exception as e:  # the socket vanished (or broke) under us: the caller is gone either way
+            logger.debug(f"Twilio call {state.call_sid}: receive ended ({type(e).__name__}: {e})")
+        if not t.closing:
+            await t.caller_left()
+
+    async def _dtmf(self, event: Dtmf):
+        try:
+            button = KeypadEntry(event.digit)
+        except ValueError:
+            self._transport.state.counts["bad_dtmf"] += 1
+            if self._transport.state.counts["bad_dtmf"] == 1:
+                logger.warning(
+                    f"Twilio call {self._transport.state.call_sid}: dropped DTMF digit {event.digit[:8]!r}"
+                )
+            self._transport.bad_input("bad_dtmf")
+            return
+        if not self._stopping:
+            await self.push_frame(InputDTMFFrame(button=button))
+
+
+class TwilioOutputTransport(BaseOutputTransport):
+    """Sends agent audio as 20 ms media messages, paced a fixed lead ahead of Twilio's playback, with a
+    mark per 80 ms and at the end of each reply; on barge-in, `clear`s what Twilio still has queued."""
+
+    def __init__(self, transport: TwilioCallTransport, params: TransportParams, **kwargs):
+        super().__init__(params, **kwargs)
+        self._transport = transport
+        self._generation = 0  # bumped on each barge-in; a chunk that waited across one is dropped
+        self._interrupted = asyncio.Event()
+        self._play_end = 0.0  # monotonic time Twilio's queue is estimated to run dry
+        self._sent_seconds = 0.0  # audio sent since the stream began (cleared audio taken back out)
+        self._unmarked: list[bytes] = []  # chunks sent since the last mark
+        self._unplayed_at_clear = 0.0
+        self._echoed = asyncio.Event()
+        self.clears = 0
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def stop(self, frame: EndFrame):
+        await super().stop(frame)  # drains queued audio through write_audio_frame
+        await self._mark_unmarked()
+        t = self._transport
+        if not t.caller_stopped:
+            await self._wait_played()
+            if not t.caller_stopped:
+                # Closing alone would resume the caller's TwiML after <Connect>; hang up explicitly.
+                await t.hang_up()
+        await t.close()
+
+    async def cancel(self, frame: CancelFrame):
+        await super().cancel(frame)
+        await self._transport.close()
+
+    def queued_seconds(self) -> float:
+        """Audio estimated still queued at Twilio: what we sent, less what its real-time playback used."""
+        return max(0.0, self._play_end - time.monotonic())
+
+    def unplayed_seconds(self) -> float:
+        """Seconds sent whose marks had not come back when the last barge-in's `clear` went out."""
+        return self._unplayed_at_clear
+
+    def mark_echoed(self) -> None:
+        self._echoed.set()
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, InterruptionFrame):
+            await self._barge_in()
+        await super().process_frame(frame, direction)
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        # The audio task pushes TTSStoppedFrame on after the reply's last chunk was written, so a mark
+        # sent here closes exactly that reply's audio.
+        if isinstance(frame, TTSStoppedFrame) and direction == FrameDirection.DOWNSTREAM:
+            await self._mark_unmarked()
+        await super().push_frame(frame, direction)
+
+    async def _barge_in(self):
+        self._generation += 1
+        self._interrupted.set()
+        self._interrupted = asyncio.Event()
+        state = self._transport.state
+        self._unplayed_at_clear = max(0.0, self._sent_seconds - state.heard_seconds)
+        if state.pending_marks or self._unmarked:
+            self._unmarked.clear()
+            self.clears += 1
+            await self._transport.send(state.clear())
+        self._sent_seconds = state.heard_seconds
+        self._play_end = time.monotonic()
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        generation, interrupted = self._generation, self._interrupted
+        seconds = len(frame.audio) / (2 * SAMPLE_RATE)
+        wait = self.queued_seconds() - (LEAD_SECS - seconds)
+        if wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), timeout=wait)
+        if generation != self._generation:
+            return False  # the caller barged in while this chunk waited: never sent, never heard
+        state = self._transport.state
+        # Counted before the send so a barge-in landing during it sees this chunk as sent.
+        self._sent_seconds += seconds
+        self._play_end = max(self._play_end, time.monotonic()) + seconds
+        if not await self._transport.send(media_message(state.stream_sid, ulaw_encode(frame.audio))):
+            return False
+        self._unmarked.append(frame.audio)
+        if len(self._unmarked) >= MARK_EVERY_CHUNKS:
+            await self._mark_unmarked()
+        return True
+
+    async def _mark_unmarked(self):
+        if not self._unmarked:
+            return
+        pcm = b"".join(self._unmarked)
+        self._unmarked.clear()
+        # The chunks already went out one by one as pacing allowed; the state registers them as one
+        # piece and names its mark, which is the last message it builds.
+        messages = self._transport.state.outbound_media(pcm)
+        await self._transport.send(messages[-1])
+
+    async def _wait_played(self):
+        """Until Twilio has echoed every mark (all sent audio played), bounded by the estimated playback."""
+        deadline = time.monotonic() + self.queued_seconds() + DRAIN_GRACE_SECS
+        state = self._transport.state
+        while True:
+            self._echoed.clear()  # before the check, so an echo landing in between still wakes us
+            remaining = deadline - time.monotonic()
+            if not state.pending_marks or self._transport.caller_stopped or remaining <= 0:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._echoed.wait(), timeout=remaining)
