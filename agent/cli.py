@@ -4,6 +4,8 @@
     chroma-agent call AGENT.yaml --input caller.wav --output call.wav
     chroma-agent speak --model tiny --voice-audio ref.wav --voice-text "..." \\
         --input user.wav --output reply.wav
+    chroma-agent flow check examples/flows/customer_service/flow.yaml   # exit 1 and list every problem
+    chroma-agent voice add ava --audio ava.flac --transcript "..." --consent-by "Ava Smith"   # and list, check, remove
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
 `run` to a function taking the parsed args and returning an exit code; list it in
@@ -128,6 +130,12 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    p.add_argument(
+        "--public-url",
+        default=None,
+        metavar="URL",
+        help="the https:// base URL Twilio reaches this server at (overrides transports.twilio.public_url)",
+    )
     _add_log_level(p)
     p.set_defaults(run=_run_serve)
 
@@ -140,7 +148,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     runtime = _runtime(args.agent, args.model, args.log_level)
     print(f"agent {runtime.spec.name!r}: model {runtime.model.source} on {runtime.model.device}")
     print(f"open http://{args.host}:{args.port}/ to talk to it")
-    serve(runtime, host=args.host, port=args.port)
+    from .twilio_routes import TwilioConfigError
+
+    try:
+        serve(runtime, host=args.host, port=args.port, public_url=args.public_url)
+    except TwilioConfigError as e:
+        raise UsageError(str(e)) from e
     return 0
 
 
@@ -219,6 +232,58 @@ def _runtime(agent_path: str, model: str | None, log_level: str = "INFO"):
         raise UsageError(f"{agent_path}: model: {exc}") from None
 
 
+# -- flow ------------------------------------------------------------------------------
+
+
+def _add_flow(subparsers) -> None:
+    p = subparsers.add_parser("flow", help="work with flow files (nodes, tools, transitions, actions)")
+    actions = p.add_subparsers(dest="flow_command", metavar="ACTION", required=True)
+    check = actions.add_parser(
+        "check",
+        help="check a flow file as a call would load it; exit 1 and list every problem if any",
+        description="Load FLOW.yaml exactly as an agent would before its first call (tools imported, "
+        "schemas, transitions, placeholders, actions and keypad settings checked) and print every "
+        "problem as file:line: field: message.",
+    )
+    check.add_argument("flow", metavar="FLOW.yaml", help="the flow file")
+    check.set_defaults(run=_run_flow_check)
+
+
+def _run_flow_check(args: argparse.Namespace) -> int:
+    import os
+
+    from flows.file import load_flow
+    from flows.problems import FlowFileError
+
+    try:
+        flow = load_flow(args.flow)
+    except FlowFileError as exc:
+        print(exc, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{args.flow}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return 1
+    config = flow.config
+    print(
+        f"{args.flow}: ok: {len(config.nodes)} nodes, {len(flow.tools)} tools, "
+        f"starts at {config.initial_node!r}"
+    )
+    # Header values are read from the environment on each call, so a missing one is not an error
+    # here (the server may have it), only worth knowing.
+    for variable, tools in flow.environment().items():
+        if variable not in os.environ:
+            print(f"note: ${{{variable}}} is not set here; {', '.join(tools)} will fail until it is")
+    return 0
+
+
+# -- voice -----------------------------------------------------------------------------
+
+
+def _add_voice(subparsers) -> None:
+    from voices.commands import declare
+
+    declare(subparsers, UsageError)
+
+
 # -- shared helpers --------------------------------------------------------------
 
 
@@ -256,7 +321,7 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak]
+SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,10 +37,10 @@ from processors.chroma.service import ChromaS2SService
 from processors.playout import PlayoutTracker
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
+from voices.profile import load_voice
 
 from .metrics import ServerMetrics
 from .spec import AgentSpec
-from .wavfile import read_wav
 
 STAND_IN_NOTICE = (
     "model 'tiny' is a seeded random miniature of Chroma: the agent hears and answers, but its voice "
@@ -100,9 +100,18 @@ class AgentRuntime:
         self.stand_in = bool(model.config.is_tiny)
         if self.stand_in:
             logger.warning(STAND_IN_NOTICE)
-        self.voice = (read_wav(spec.voice.audio_path, SAMPLE_RATE), spec.voice.transcript_text)
+        self.voice = spec.voice_profile
+        self._voices = {spec.voice: self.voice}  # by folder: each voice is read and checked once per process
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
+
+    def find_voice(self, ref: str):
+        """A voice by library name or folder (relative to the agent file), loaded once per process.
+        Raises voices.LibraryError or voices.VoiceError naming what is wrong."""
+        folder = str(self.spec.voice_library.resolve(ref, self.spec.path.parent))
+        if folder not in self._voices:
+            self._voices[folder] = load_voice(folder)
+        return self._voices[folder]
 
     def active_calls(self, kind: str) -> int:
         """Calls of this transport kind now running (for each transport's max_calls)."""
@@ -223,6 +232,11 @@ class Call:
             stats.cut_replies.append((heard_frames, sent_frames))
             metrics.barge_in()
             await self.tell_client({"event": "barge_in", "count": stats.barge_ins, "heard_frames": heard_frames})
+
+    async def set_voice(self, ref: str) -> None:
+        """Speak from the next reply on in another voice (a flow node's hand-off); memory carries over."""
+        await self.service.set_voice(self.runtime.find_voice(ref))
+        logger.info(f"call {self.stats.call_id}: next reply in voice {ref!r}")
 
     async def tell_client(self, message: dict) -> None:
         """A small JSON event for the client (the web page's transcript and readouts); transports

@@ -1,15 +1,16 @@
 """The agent file: one `agent.yaml`, validated into an `AgentSpec` once, when the server starts.
 
     spec = load_agent("examples/agents/demo/agent.yaml")
-    spec.model_source, spec.voice.audio_path, spec.voice.transcript_text, spec.response.max_frames
+    spec.model_source, spec.voice_profile.transcript, spec.response.max_frames
 
 Every problem fails the load, all of them reported together, one per line, each naming the file,
 line, field, value and what was expected:
 
     examples/agents/demo/agent.yaml:20: vad.aggressiveness: 7 is not allowed; expected an integer from 0 to 3
 
-Paths in the file (voice audio and transcript, a model folder) are relative to the file's folder;
-the spec holds them resolved, so it means the same thing whatever the working directory.
+Paths in the file (a voice folder, a model folder) are relative to the file's folder; the spec holds
+them resolved, so it means the same thing whatever the working directory. A voice named without a
+path comes from the voice library (`load_agent(..., library=DIR)`, else voices.default_library()).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from voices.library import LibraryError, VoiceLibrary
+from voices.profile import Voice, VoiceError, load_voice
+
 FRAME_SECONDS = 0.08  # one Chroma audio frame (processors.chroma.config would pull in transformers here)
 HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -57,15 +61,6 @@ def _problem(message: str, *, on_parent: bool = False) -> PydanticCustomError:
 
 def _base(info: ValidationInfo) -> Path:
     return (info.context or {}).get("base") or Path.cwd()
-
-
-def _existing_file(value: Path, base: Path, expected: str) -> Path:
-    path = (base / value.expanduser()).resolve()
-    if not path.exists():
-        raise _problem(f"{_show(str(value))} does not exist (looked for {path}); expected {expected}")
-    if not path.is_file():
-        raise _problem(f"{_show(str(value))} is not a file ({path}); expected {expected}")
-    return path
 
 
 def _resolve_model(value: str, base: Path) -> str:
@@ -89,71 +84,6 @@ def _resolve_model(value: str, base: Path) -> str:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class VoiceSpec(_Section):
-    """Which cloned voice speaks: a reference recording and the words spoken in it."""
-
-    audio: Path = Field(description="Reference recording of the voice (WAV), relative to the agent file.")
-    transcript: Text | None = Field(None, description="The words spoken in the reference audio.")
-    transcript_file: Path | None = Field(
-        None,
-        validate_default=True,  # so that giving neither transcript is caught with the other field errors
-        description="A UTF-8 text file holding the transcript, relative to the agent file; "
-        "give this or transcript, not both.",
-    )
-    _transcript_text: str = PrivateAttr("")
-
-    @property
-    def audio_path(self) -> Path:
-        """The reference recording, absolute."""
-        return self.audio
-
-    @property
-    def transcript_text(self) -> str:
-        """The transcript, read from transcript_file when that was given."""
-        return self._transcript_text
-
-    @field_validator("audio")
-    @classmethod
-    def _audio_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        return _existing_file(value, _base(info), "the reference recording of the voice")
-
-    @field_validator("transcript")
-    @classmethod
-    def _transcript_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise _problem(f"{_show(value)} is empty; expected the words spoken in the reference audio")
-        return value
-
-    @field_validator("transcript_file")
-    @classmethod
-    def _exactly_one_transcript(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if "transcript" not in info.data:  # transcript itself is invalid and reported
-            return value
-        inline = info.data["transcript"] is not None
-        if value is None and not inline:
-            raise _problem(
-                "neither transcript nor transcript_file is given; expected one of them", on_parent=True
-            )
-        if value is None:
-            return None
-        if inline:
-            raise _problem(f"{_show(str(value))} is given as well as transcript; expected only one of them")
-        path = _existing_file(value, _base(info), "a text file with the words spoken in the reference audio")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _problem(f"{_show(str(value))} cannot be read as UTF-8 text ({exc})") from None
-        if not text.strip():
-            raise _problem(f"{_show(str(value))} is empty; expected the words spoken in the reference audio")
-        return path
-
-    @model_validator(mode="after")
-    def _read_transcript(self) -> VoiceSpec:
-        text = self.transcript if self.transcript is not None else self.transcript_file.read_text("utf-8")
-        self._transcript_text = text.strip()
-        return self
 
 
 class VADSpec(_Section):
@@ -307,7 +237,10 @@ class AgentSpec(_Section):
         "folder relative to the agent file.",
     )
     device: Text = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    voice: VoiceSpec = Field(description="The cloned voice the agent speaks in.")
+    voice: NonEmptyText = Field(
+        description="The cloned voice the agent speaks in: a name from the voice library, or a voice folder "
+        "(holding voice.yaml) relative to the agent file, such as ./voices/ava."
+    )
     system_prompt: Text = Field("", description="What the agent is and how it behaves.")
     vad: VADSpec = Field(default_factory=VADSpec, description="Voice activity detection.")
     turn: TurnSpec = Field(default_factory=TurnSpec, description="End-of-turn detection.")
@@ -316,6 +249,58 @@ class AgentSpec(_Section):
     path: SkipJsonSchema[Path] = Field(
         exclude=True, description="The agent file, absolute; set by load_agent."
     )
+
+    _voice: Voice | None = PrivateAttr(None)
+    _library: Path | None = PrivateAttr(None)
+
+    @property
+    def voice_folder(self) -> Path:
+        """The voice's folder, absolute."""
+        return Path(self.voice)
+
+    @property
+    def voice_profile(self) -> Voice:
+        """The voice, loaded and checked when the file was."""
+        if self._voice is None:
+            self._voice = load_voice(self.voice_folder)
+        return self._voice
+
+    @property
+    def voice_library(self) -> VoiceLibrary:
+        """The library that voice names (here and in flows) come from."""
+        return VoiceLibrary(self._library)
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice_is_a_reference(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            raise _problem(
+                "a mapping is not allowed; expected a voice name from the voice library (e.g. 'demo') or a voice "
+                "folder holding voice.yaml (e.g. ./voices/demo): a voice is a folder with its consent record, "
+                "made with `chroma-agent voice add`"
+            )
+        return value
+
+    @field_validator("voice")
+    @classmethod
+    def _voice_loads(cls, value: str, info: ValidationInfo) -> str:
+        context = info.context if info.context is not None else {}
+        try:
+            folder = VoiceLibrary(context.get("library")).resolve(value, _base(info))
+            voice = load_voice(folder)
+        except LibraryError as exc:
+            raise _problem(str(exc)) from None
+        except VoiceError as exc:
+            raise _problem(f"{_show(value)} cannot be used: " + "; ".join(exc.problems)) from None
+        context["voice"] = voice  # kept by _keep_voice: loading twice would check the audio twice
+        return str(folder)
+
+    @model_validator(mode="after")
+    def _keep_voice(self, info: ValidationInfo) -> AgentSpec:
+        context = info.context or {}
+        self._voice = context.get("voice")
+        self._library = context.get("library")
+        return self
 
     @property
     def model_source(self) -> str:
@@ -355,9 +340,10 @@ def _format(path: str | Path, line: int | None, field: str, message: str) -> str
     return f"{where}: {field}: {message}" if field else f"{where}: {message}"
 
 
-def load_agent(path: str | Path, *, model: str | None = None) -> AgentSpec:
+def load_agent(path: str | Path, *, model: str | None = None, library: str | Path | None = None) -> AgentSpec:
     """Read and validate an agent file; `model` replaces the file's model (a relative folder is then
-    relative to the working directory, as it comes from the command line)."""
+    relative to the working directory, as it comes from the command line). `library`: the voice
+    library folder for a voice given by name (default: voices.library.default_library())."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -393,7 +379,8 @@ def load_agent(path: str | Path, *, model: str | None = None) -> AgentSpec:
             errors.append((None, "model", f"{exc.context['message']} (given as the model override)"))
     try:
         spec = AgentSpec.model_validate(
-            {**data, "path": Path(path).resolve()}, context={"base": Path(path).resolve().parent}
+            {**data, "path": Path(path).resolve()},
+            context={"base": Path(path).resolve().parent, "library": library},
         )
     except ValidationError as exc:
         errors += [_problem_from(e, keys, values) for e in exc.errors()]

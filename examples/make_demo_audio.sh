@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the demo WAVs with espeak-ng (a synthetic voice: no real person's identity).
+# Regenerates the demo audio with espeak-ng (synthetic speech: no real person's identity): the
+# caller's line in audio/, and the example voices in voices/ (see voices/make_voices.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
-VOICE_TEXT="Hello, thanks for calling. I am the demo voice of chroma agents."
-espeak-ng -v en-us -s 150 -w voices/demo/reference.wav "$VOICE_TEXT"
-echo "$VOICE_TEXT" > voices/demo/transcript.txt
 espeak-ng -v en-us -s 160 -w audio/hello.wav "Hi, can you tell me where my order is?"
+voices/make_voices.sh

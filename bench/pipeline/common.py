@@ -17,8 +17,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE_TOOL = ROOT.parent / "shared" / "tools" / "pipecat_baseline.py"
-VOICE_AUDIO = ROOT / "examples" / "voices" / "demo" / "reference.wav"
-VOICE_TRANSCRIPT = ROOT / "examples" / "voices" / "demo" / "transcript.txt"
+VOICE = ROOT / "examples" / "voices" / "demo"  # a voice folder: voice.yaml, reference recording, consent
 
 PHONE_RATE = 8000
 ENGINE_RATE = 24000  # what Chroma speaks (processors.chroma.config.SAMPLE_RATE; not imported: torch)
@@ -163,9 +162,7 @@ def agent_file(
     path.write_text(
         f"""name: bench {name}
 model: {model}
-voice:
-  audio: {VOICE_AUDIO}
-  transcript_file: {VOICE_TRANSCRIPT}
+voice: {VOICE}
 system_prompt: You are the friendly customer-service agent of a small online shop, answering the phone.
 vad:
   analyzer: {vad}

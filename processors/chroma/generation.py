@@ -108,11 +108,20 @@ class VoicePrompt:
 
 
 def voice_prompt_embeds(
-    model: ChromaModel, text_ids: torch.Tensor, audio_24k: torch.Tensor, cutoff: int | None = None
+    model: ChromaModel,
+    text_ids: torch.Tensor,
+    audio_24k: torch.Tensor,
+    cutoff: int | None = None,
+    codes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """[text_start, transcript, text_end, audio frames, zero] as backbone inputs [1, P, H]."""
+    """[text_start, transcript, text_end, audio frames, zero] as backbone inputs [1, P, H].
+
+    `codes` [F, n]: the reference already encoded (a voice's stored codes); else it is encoded here."""
     cfg = model.config
-    codes = model.encode_audio(audio_24k.reshape(1, 1, -1))  # [1, F, n]
+    if codes is None:
+        codes = model.encode_audio(audio_24k.reshape(1, 1, -1))  # [1, F, n]
+    else:
+        codes = codes.reshape(1, -1, cfg.audio_num_codebooks).to(model.device, torch.long)
     frames = model.backbone.frame_vectors(codes)  # [1, F, H]
     ids = torch.tensor([[cfg.text_start_token_id, *text_ids.reshape(-1).tolist(), cfg.text_end_token_id]])
     text = model.embed_text(ids.to(model.device))
@@ -129,9 +138,13 @@ def voice_prompt_embeds(
 
 @torch.inference_mode()
 def build_voice_prompt(
-    model: ChromaModel, text_ids: torch.Tensor, audio_24k: torch.Tensor, cutoff: int | None = None
+    model: ChromaModel,
+    text_ids: torch.Tensor,
+    audio_24k: torch.Tensor | None,
+    cutoff: int | None = None,
+    codes: torch.Tensor | None = None,
 ) -> VoicePrompt:
-    embeds, mask, frames = voice_prompt_embeds(model, text_ids, audio_24k, cutoff)
+    embeds, mask, frames = voice_prompt_embeds(model, text_ids, audio_24k, cutoff, codes)
     cache = DynamicCache()
     model.backbone_forward(embeds, cache, mask)
     kv = [(k, v) for k, v, *_ in cache]

@@ -109,6 +109,13 @@ class ChromaS2SService(LLMService):
         """A reply is being generated (its audio may play on for a while after)."""
         return self._reply_task is not None and not self._reply_task.done()
 
+    async def set_voice(self, voice) -> None:
+        """Speak from the next reply on in `voice` (a `voices.Voice`, as a flow node's hand-off asks);
+        a reply under way finishes in its voice, and the conversation's memory carries over. The new
+        voice's prefix is built now (once per process), so the next reply does not wait for it."""
+        self.session.set_voice(voice)
+        await self.session.prepare_voice()
+
     @property
     def hearing(self) -> bool:
         """The caller's turn is open: audio is being kept for the next reply."""

@@ -1,10 +1,11 @@
 """One call's conversation with the engine: streaming replies, barge-in, memory across turns.
 
-    session = model.new_session(voice=(audio_24k, transcript), system_prompt="...")
+    session = model.new_session(voice=(audio_24k, transcript), system_prompt="...")  # or a voices.Voice
     async for chunk in session.respond(user_audio_16k):
         play(chunk.audio)            # 24 kHz float32, frames chunk.frames
     session.cancel()                 # barge-in: no chunk after this returns
     session.heard(frames)            # what the caller actually heard of the cut reply
+    session.set_voice(other_voice)   # the next reply speaks in it; the conversation carries over
 
 Model steps run on the device's worker thread; results come back through an asyncio queue.
 """
@@ -75,6 +76,29 @@ class AudioChunk:
     codes: torch.Tensor  # [end - start, num_codebooks]
 
 
+@dataclass(frozen=True)
+class SpeakingVoice:
+    """What a session needs of a voice: its reference, transcript, a content key, and (for a library
+    voice) a way to get its stored codec codes instead of encoding the reference again."""
+
+    audio: np.ndarray  # 24 kHz mono float32
+    transcript: str
+    key: str
+    name: str = ""
+    stored_codes: Callable[[ChromaModel], torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, voice) -> SpeakingVoice:
+        """From an (audio_24k, transcript) pair or a `voices.Voice`."""
+        if isinstance(voice, SpeakingVoice):
+            return voice
+        if isinstance(voice, tuple):
+            audio, transcript = voice
+            audio = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1))
+            return cls(audio, transcript, VoiceLibraryCache.key(audio, transcript))
+        return cls(voice.audio, voice.transcript, voice.key, voice.name, voice.codes_for)
+
+
 @dataclass
 class _Reply:
     steps: ResponseSteps
@@ -98,14 +122,14 @@ class VoiceLibraryCache:
         digest.update(transcript.encode("utf-8"))
         return digest.hexdigest()
 
-    def get(self, model: ChromaModel, tokenizer, audio_24k: np.ndarray, transcript: str) -> VoicePrompt:
-        key = self.key(audio_24k, transcript)
+    def get(self, model: ChromaModel, tokenizer, voice: SpeakingVoice) -> VoicePrompt:
         with self._lock:
-            if key not in self._prompts:
-                ids = torch.tensor(tokenizer.encode(transcript), dtype=torch.long)
-                audio = torch.from_numpy(np.ascontiguousarray(audio_24k, dtype=np.float32))
-                self._prompts[key] = build_voice_prompt(model, ids, audio)
-            return self._prompts[key]
+            if voice.key not in self._prompts:
+                ids = torch.tensor(tokenizer.encode(voice.transcript), dtype=torch.long)
+                codes = voice.stored_codes(model) if voice.stored_codes is not None else None
+                audio = torch.from_numpy(voice.audio)
+                self._prompts[voice.key] = build_voice_prompt(model, ids, audio, codes=codes)
+            return self._prompts[voice.key]
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -116,7 +140,7 @@ class ChromaSession:
         self,
         model: ChromaModel,
         tokenizer,
-        voice: tuple[np.ndarray, str],
+        voice,
         system_prompt: str = "",
         chunk_frames: int = 2,
         lookahead: int = 3,
@@ -127,15 +151,13 @@ class ChromaSession:
     ):
         if not 1 <= chunk_frames <= 4:
             raise ValueError(f"chunk_frames is {chunk_frames}, expected 1 to 4")
-        audio, transcript = voice
-        if not transcript.strip():
-            raise ValueError("voice transcript is empty; the reference audio's transcript is required")
+        self.voice = self._checked(voice)  # the voice of the current (or last) reply
+        self._next_voice: SpeakingVoice | None = None
+        self._voice_lock = threading.Lock()  # set_voice (event loop) vs the reply's start (device thread)
         self.model = model
         self.tokenizer = tokenizer
         self.layout = ChatLayout(tokenizer)
         self.listener = Listener(model)
-        self.voice_audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        self.voice_transcript = transcript
         self.system_prompt = system_prompt
         self.chunk_frames = chunk_frames
         self.lookahead = lookahead
@@ -179,6 +201,24 @@ class ChromaSession:
         """A system instruction the thinker reads before the next user turn (a flow node's task)."""
         self.pending_ids = self.pending_ids + self.layout.system(text)
 
+    def set_voice(self, voice) -> None:
+        """Speak the next reply, and those after it, in `voice` (an (audio_24k, transcript) pair or a
+        `voices.Voice`). A reply already under way keeps its voice; the conversation carries over."""
+        voice = self._checked(voice)
+        with self._voice_lock:
+            self._next_voice = voice
+
+    async def prepare_voice(self) -> None:
+        """Build the prefix of the voice set for the next reply now, so that reply does not wait for it."""
+        voice = self._next_voice
+        if voice is not None and self.reuse_voice_prompt:
+            await self.worker.run(lambda: _voice_cache(self.model).get(self.model, self.tokenizer, voice))
+
+    @property
+    def voice_name(self) -> str:
+        """The name of the voice the next reply speaks in ('' for an unnamed reference)."""
+        return (self._next_voice or self.voice).name
+
     def cancel(self) -> None:
         """Barge-in: no further chunk is yielded, and generation stops within one step."""
         self._cancelled.set()
@@ -201,17 +241,28 @@ class ChromaSession:
 
     # -- worker-thread parts -------------------------------------------------------
 
+    @staticmethod
+    def _checked(voice) -> SpeakingVoice:
+        voice = SpeakingVoice.of(voice)
+        if not voice.transcript.strip():
+            raise ValueError("voice transcript is empty; the reference audio's transcript is required")
+        return voice
+
     def _voice_prompt(self) -> VoicePrompt:
         if self.reuse_voice_prompt:
-            return _voice_cache(self.model).get(self.model, self.tokenizer, self.voice_audio, self.voice_transcript)
-        ids = torch.tensor(self.tokenizer.encode(self.voice_transcript), dtype=torch.long)
-        return build_voice_prompt(self.model, ids, torch.from_numpy(self.voice_audio))
+            return _voice_cache(self.model).get(self.model, self.tokenizer, self.voice)
+        # The reference's way, kept for comparison: encode the reference and prefill it for every reply.
+        ids = torch.tensor(self.tokenizer.encode(self.voice.transcript), dtype=torch.long)
+        return build_voice_prompt(self.model, ids, torch.from_numpy(self.voice.audio))
 
     def _start_reply(self, user_audio: np.ndarray) -> None:
         # Runs after any step a cancelled reply still had in flight on this worker, so clearing
         # the flag here cannot let that reply go on.
         self._close_previous_reply()
         self._cancelled.clear()
+        with self._voice_lock:  # a switch asked for during the last reply starts here
+            if self._next_voice is not None:
+                self.voice, self._next_voice = self._next_voice, None
         features, feature_mask, audio_tokens = self.listener.hear(user_audio)
         segment = self.pending_ids + self.layout.user_audio_turn(audio_tokens)
         self.pending_ids = []

@@ -22,9 +22,7 @@ def agent_file(tmp_path, *, max_seconds=1, detector="silence", allow_interruptio
         f"""
 name: test agent
 model: tiny
-voice:
-  audio: {ROOT / "examples/voices/demo/reference.wav"}
-  transcript_file: {ROOT / "examples/voices/demo/transcript.txt"}
+voice: {ROOT / "examples/voices/demo"}
 system_prompt: You are a test agent.
 turn:
   detector: {detector}

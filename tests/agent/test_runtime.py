@@ -88,11 +88,11 @@ def test_call_command_writes_the_agents_side_of_the_call_on_its_timeline(tmp_pat
 
 def test_call_command_reports_a_bad_agent_file(tmp_path, capsys):
     bad = tmp_path / "agent.yaml"
-    bad.write_text("name: x\nvoice:\n  audio: nowhere.wav\n  transcript: hi\n")
+    bad.write_text("name: x\nmodel: tiny\nvoice: ./nowhere\n")
     caller_wav = tmp_path / "caller.wav"
     with wave.open(str(caller_wav), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
         w.writeframes(bytes(1600))
     assert main(["call", str(bad), "--input", str(caller_wav), "--output", str(tmp_path / "o.wav")]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:3: voice.audio" in err
+    assert f"{bad}:3: voice: './nowhere' is not a folder" in err

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "agents" / "demo" / "agent.yaml"
 
 # The smallest valid agent; it is 4 lines, so a snippet added after it starts on line 5.
-BASE = "name: Test agent\nvoice:\n  audio: voice.wav\n  transcript: Hello there.\n"
+BASE = "name: Test agent\nvoice: ./voice\n# a copy of the demo voice\n#\n"
 
 
 @pytest.fixture
 def folder(tmp_path):
-    (tmp_path / "voice.wav").write_bytes(b"RIFF")  # only its existence is checked here
-    (tmp_path / "transcript.txt").write_text("  Words in the file.\n")
+    shutil.copytree(ROOT / "examples" / "voices" / "demo", tmp_path / "voice", ignore=shutil.ignore_patterns("codes"))
+    (tmp_path / "voice.wav").write_bytes(b"RIFF")  # a file that is not a model folder
     return tmp_path
 
 
@@ -41,8 +42,9 @@ def test_demo_agent_loads_with_its_derived_values():
     assert spec.model_source == "FlashLabs/Chroma-4B"
     assert spec.device == "auto"
     assert spec.path == DEMO
-    assert spec.voice.audio_path == voices / "reference.wav" and spec.voice.audio_path.is_absolute()
-    assert spec.voice.transcript_text == (voices / "transcript.txt").read_text().strip()
+    assert spec.voice_folder == voices and spec.voice_folder.is_absolute()
+    assert spec.voice_profile.transcript.startswith("Hello, thanks for calling.")
+    assert spec.voice_profile.profile.consent.synthetic
     assert "customer-service" in spec.system_prompt
     assert spec.response.max_seconds == 30 and spec.response.max_frames == 375
     assert (
@@ -63,14 +65,10 @@ def test_paths_are_relative_to_the_agent_file_not_the_working_directory(
     folder, tmp_path_factory, monkeypatch
 ):
     (folder / "weights").mkdir()
-    path = write(
-        folder,
-        BASE.replace("transcript: Hello there.", "transcript_file: transcript.txt") + "model: weights\n",
-    )
+    path = write(folder, BASE + "model: weights\n")
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     spec = load_agent(path)
-    assert spec.voice.audio_path == folder.resolve() / "voice.wav"
-    assert spec.voice.transcript_text == "Words in the file."
+    assert spec.voice_folder == folder.resolve() / "voice"
     assert spec.model_source == str(folder.resolve() / "weights")
 
 
@@ -209,21 +207,15 @@ def test_each_rule_names_file_line_field_and_value(folder, snippet, line, expect
 
 
 def test_name_must_be_a_non_empty_string(folder):
-    path = write(folder, "# agent\nname: '  '\nvoice:\n  audio: voice.wav\n  transcript: Hi.\n")
+    path = write(folder, "# agent\nname: '  '\nvoice: ./voice\n")
     assert str(problems(path)) == f"{path}:2: name: '  ' is not allowed; expected a non-empty string"
 
 
 def test_missing_required_fields_point_at_the_parent(folder):
-    path = write(folder, "model: tiny\n\nvoice:\n  transcript: Hi.\n")
-    assert str(problems(path)).splitlines() == [
-        f"{path}:1: name: missing; expected a non-empty string",
-        f"{path}:3: voice.audio: missing; expected a path",
-    ]
+    path = write(folder, "model: tiny\n\nvoice: ./voice\n")
+    assert str(problems(path)).splitlines() == [f"{path}:1: name: missing; expected a non-empty string"]
     path = write(folder, "name: Test\n")
-    assert (
-        str(problems(path))
-        == f"{path}:1: voice: missing; expected a mapping with keys audio, transcript, transcript_file"
-    )
+    assert str(problems(path)) == f"{path}:1: voice: missing; expected a non-empty string"
 
 
 # -- unknown keys, several errors, YAML itself ----------------------------------------------------------
@@ -255,11 +247,11 @@ def test_duplicate_keys_are_errors(folder):
 def test_several_errors_are_reported_together_in_line_order(folder):
     path = write(
         folder,
-        "name: Test\nvoice:\n  audio: gone.wav\n  transcript: Hi.\nturn:\n  detectr: silence\nvad:\n  frame_ms: 15\n",
+        "name: Test\n#\nvoice: ./gone\n#\nturn:\n  detectr: silence\nvad:\n  frame_ms: 15\n",
     )
     error = problems(path)
     assert [(line, field) for line, field, _ in error.errors] == [
-        (3, "voice.audio"),
+        (3, "voice"),
         (6, "turn.detectr"),
         (8, "vad.frame_ms"),
     ]
@@ -270,7 +262,7 @@ def test_several_errors_are_reported_together_in_line_order(folder):
 
 
 def test_yaml_syntax_error_has_its_line(folder):
-    path = write(folder, "name: Test\nvoice:\n  audio: voice.wav\n  transcript: a: b\n")
+    path = write(folder, "name: Test\nvoice: ./voice\n#\nsystem_prompt: a: b\n")
     error = problems(path)
     assert str(error) == f"{path}:4: invalid YAML: mapping values are not allowed here"
     assert error.errors == [(4, "", "invalid YAML: mapping values are not allowed here")]
@@ -330,48 +322,47 @@ def test_model_override_replaces_a_bad_model_in_the_file(folder):
 # -- voice ------------------------------------------------------------------------------------------------
 
 
-def test_transcript_and_transcript_file_together(folder):
-    path = write(folder, BASE + "  transcript_file: transcript.txt\n")
-    assert str(problems(path)) == (
-        f"{path}:5: voice.transcript_file: 'transcript.txt' is given as well as transcript; "
-        "expected only one of them"
+def test_a_voice_by_name_comes_from_the_library(folder, tmp_path_factory, monkeypatch):
+    library = tmp_path_factory.mktemp("library")
+    shutil.copytree(folder / "voice", library / "ava")
+    path = write(folder, BASE.replace("voice: ./voice", "voice: ava"))
+    assert load_agent(path, library=library).voice_folder == library / "ava"
+    monkeypatch.setenv("CHROMA_AGENTS_VOICES", str(library))
+    spec = load_agent(path)
+    assert spec.voice_folder == library / "ava" and spec.voice_profile.name == "demo"
+    assert spec.voice_library.root == library
+
+
+def test_an_unknown_voice_name_lists_the_library(folder, tmp_path_factory):
+    library = tmp_path_factory.mktemp("library")
+    shutil.copytree(folder / "voice", library / "ava")
+    path = write(folder, BASE.replace("voice: ./voice", "voice: leo"))
+    assert str(problems(path, library=library)) == (
+        f"{path}:2: voice: no voice 'leo' in the library at {library} (voices there: ava); "
+        "add one with `chroma-agent voice add`"
     )
 
 
-def test_transcript_missing(folder):
-    path = write(folder, "name: Test\nvoice:\n  audio: voice.wav\n")
+def test_a_voice_folder_must_exist(folder):
+    path = write(folder, BASE.replace("./voice", "../voices/missing"))
     assert str(problems(path)) == (
-        f"{path}:2: voice: neither transcript nor transcript_file is given; expected one of them"
+        f"{path}:2: voice: '../voices/missing' is not a folder (looked for "
+        f"{folder.resolve().parent / 'voices' / 'missing'}); expected a voice folder holding voice.yaml"
     )
 
 
-def test_transcript_file_must_exist_and_hold_text(folder):
-    voice = "name: Test\nvoice:\n  audio: voice.wav\n  transcript_file: {}\n"
-    path = write(folder, voice.format("missing.txt"))
-    assert str(problems(path)) == (
-        f"{path}:4: voice.transcript_file: 'missing.txt' does not exist (looked for "
-        f"{folder.resolve() / 'missing.txt'}); expected a text file with the words spoken in the reference audio"
-    )
-    (folder / "blank.txt").write_text(" \n\n")
-    path = write(folder, voice.format("blank.txt"))
-    assert str(problems(path)) == (
-        f"{path}:4: voice.transcript_file: 'blank.txt' is empty; expected the words spoken in the reference audio"
-    )
+def test_the_old_inline_voice_is_refused_with_the_way_forward(folder):
+    path = write(folder, "name: Test\nvoice:\n  audio: voice.wav\n  transcript: Hi.\n")
+    message = str(problems(path))
+    assert message.startswith(f"{path}:2: voice: a mapping is not allowed; expected a voice name")
+    assert "chroma-agent voice add" in message
 
 
-def test_inline_transcript_must_not_be_blank(folder):
-    path = write(folder, "name: Test\nvoice:\n  audio: voice.wav\n  transcript: '   '\n")
-    assert str(problems(path)) == (
-        f"{path}:4: voice.transcript: '   ' is empty; expected the words spoken in the reference audio"
-    )
-
-
-def test_voice_audio_must_exist_and_be_a_file(folder):
-    path = write(folder, BASE.replace("voice.wav", "../voices/missing.wav"))
-    assert str(problems(path)) == (
-        f"{path}:3: voice.audio: '../voices/missing.wav' does not exist "
-        f"(looked for {folder.resolve().parent / 'voices' / 'missing.wav'}); expected the reference recording of the voice"
-    )
-    (folder / "voices").mkdir()
-    path = write(folder, BASE.replace("voice.wav", "voices"))
-    assert str(problems(path)).startswith(f"{path}:3: voice.audio: 'voices' is not a file (")
+def test_a_voice_without_consent_fails_the_agent_file(folder):
+    profile = folder / "voice" / "voice.yaml"
+    kept = [line for line in profile.read_text().splitlines() if not line.startswith(("consent", "  "))]
+    profile.write_text("\n".join(kept) + "\n")
+    path = write(folder, BASE)
+    message = str(problems(path))
+    assert message.startswith(f"{path}:2: voice: './voice' cannot be used: {profile.resolve()}:")
+    assert "consent: missing; a voice loads only with a consent record" in message
