@@ -3,7 +3,6 @@ placed by real SIP phones: SIPp (speech, an RFC 4733 key, BYE; and a 20-call loa
 (which records what it heard, so the agent's audio is checked as the caller received it)."""
 
 import asyncio
-import json
 import random
 import re
 import resource
@@ -56,18 +55,10 @@ def free_port(span: int = 1) -> int:
 
 
 def agent_file(folder: Path, extra: str = "") -> Path:
-    """A tiny-model agent with short turns and replies, speaking in a copy of the demo voice."""
-    voice = folder / "voice"
-    voice.mkdir()
-    shutil.copy(ROOT / "examples/voices/demo/reference.wav", voice / "reference.wav")
-    transcript = (ROOT / "examples/voices/demo/transcript.txt").read_text().strip()
-    (voice / "voice.yaml").write_text(
-        f"name: demo\nlanguage: en\ntranscript: {json.dumps(transcript)}\naudio: reference.wav\n"
-        "consent: {given_by: test suite, date: 2026-11-22, use: tests, synthetic: true}\n"
-    )
+    """A tiny-model agent with short turns and replies, speaking in the demo voice."""
     path = folder / "agent.yaml"
     path.write_text(
-        "name: sip test agent\nmodel: tiny\nvoice: ./voice\nsystem_prompt: You are a test agent.\n"
+        f"name: sip test agent\nmodel: tiny\nvoice: {ROOT / 'examples/voices/demo'}\nsystem_prompt: You are a test agent.\n"
         "turn: {detector: silence, silence_secs: 0.5}\nresponse: {max_seconds: 1}\n" + extra
     )
     return path
