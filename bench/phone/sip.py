@@ -73,8 +73,9 @@ async def probe_call(server: PhoneServer, speech, seconds: float, index: int) ->
                 cut = await caller.say(barge)
                 await asyncio.sleep(1.5)
                 loud = _reply_packets(caller, cut, cut + 1.5)
-                # RTP stopped: the last reply packet after the cut-in, plus its 20 ms
-                out["barge_in"].append((loud[-1] + 0.02 - cut) if loud else 0.0)
+                # RTP stopped: the arrival of the last reply packet after the cut-in (on loopback, when it
+                # was sent), as `clear` received is for Twilio; the caller then hears its 20 ms play out
+                out["barge_in"].append((loud[-1] - cut) if loud else 0.0)
                 await asyncio.sleep(1.5)  # the cut-in itself is answered; let that reply play out
             else:
                 await asyncio.sleep(3.0)

@@ -147,6 +147,7 @@ class ChromaSession:
         max_frames: int = 750,
         sampling: Sampling | None = None,
         token_filter: Callable[[], TokenFilter] | None = None,
+        thinker_stream: Callable[..., ThinkerStream] = ThinkerStream,
         reuse_voice_prompt: bool = True,
     ):
         if not 1 <= chunk_frames <= 4:
@@ -164,6 +165,7 @@ class ChromaSession:
         self.max_frames = max_frames
         self.sampling = sampling or Sampling()
         self.token_filter = token_filter or TokenFilter
+        self.thinker_stream = thinker_stream  # how the thinker's tokens are chosen (a script, in tests)
         self.reuse_voice_prompt = reuse_voice_prompt
         self.worker = DeviceWorker.for_device(model.device)
         self.codec = StreamingCodecDecoder(model.codec_model)
@@ -271,7 +273,7 @@ class ChromaSession:
             self.model, ids, self.thinker_cache, self.thinker_position, features, feature_mask
         )
         self.history_ids += segment
-        stream = ThinkerStream(
+        stream = self.thinker_stream(
             self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, self.token_filter()
         )
         steps = ResponseSteps(self.model, self._voice_prompt(), stream, self.max_frames, self.sampling)

@@ -5,7 +5,6 @@ import asyncio
 import torch
 from transformers import DynamicCache
 
-from processors.chroma import session as session_module
 from processors.chroma.generation import ResponseSteps, build_voice_prompt, prefill_thinker
 from processors.chroma.scripted import Call, Say, ScriptedReasoner
 from processors.chroma.text import ChatLayout, Listener
@@ -16,10 +15,7 @@ PROMPT = "You are a helpful agent."
 
 
 def scripted_session(tiny, voice, monkeypatch, reasoner, **kwargs):
-    if "thinker_stream" in session_module.ChromaSession.__init__.__code__.co_varnames:
-        return tiny.new_session(voice=voice, system_prompt=PROMPT, thinker_stream=reasoner, **kwargs)
-    monkeypatch.setattr(session_module, "ThinkerStream", reasoner)
-    return tiny.new_session(voice=voice, system_prompt=PROMPT, **kwargs)
+    return tiny.new_session(voice=voice, system_prompt=PROMPT, thinker_stream=reasoner, **kwargs)
 
 
 async def reply_text(session, audio):
