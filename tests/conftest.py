@@ -11,6 +11,12 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """The tiny model for tests that run whole calls: one load for the whole run."""
+    return tiny
+
+
+@pytest.fixture(scope="session")
 def voice():
     rng = np.random.RandomState(7)
     t = np.arange(24000 * 2) / 24000

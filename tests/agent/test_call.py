@@ -5,7 +5,6 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.runtime import AgentRuntime
 from agent.simulate import simulate_call
@@ -33,13 +32,6 @@ response:
 """
     )
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    from processors.chroma.checkpoint import load_model
-
-    return load_model("tiny")
 
 
 def runtime_for(tmp_path, tiny_model, **kw) -> AgentRuntime:

@@ -76,13 +76,6 @@ class DtmfLog(BaseObserver):
             self.keys.append(data.frame.button)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from processors.chroma.checkpoint import load_model
-
-    return load_model("tiny")
-
-
 @pytest.fixture
 async def agent(tmp_path, tiny_model):
     """A running SIP agent; yields (server, handler, calls, dtmf_log). Every call it builds is recorded."""

@@ -44,13 +44,6 @@ def agent_file(tmp_path, *, max_seconds=1, max_calls=4, twilio="") -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from processors.chroma.checkpoint import load_model
-
-    return load_model("tiny")
-
-
 def runtime_for(tmp_path, tiny_model, **kw) -> AgentRuntime:
     return AgentRuntime(load_agent(agent_file(tmp_path, **kw)), model=tiny_model)
 

@@ -136,13 +136,6 @@ async def test_caller_audio_and_keys_come_in_as_frames_and_agent_keys_go_out_as_
     assert {e.digit for e in events} == {"9"} and events[-1].end
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from processors.chroma.checkpoint import load_model
-
-    return load_model("tiny")
-
-
 @requires_espeak
 async def test_an_agent_call_over_rtp_answers_the_caller_with_audio(tmp_path, tiny_model):
     runtime = AgentRuntime(load_agent(agent_file(tmp_path)), model=tiny_model)
