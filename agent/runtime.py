@@ -4,14 +4,18 @@
     call = runtime.new_call(transport, kind="webrtc")     # any pipecat transport
     stats = await call.run()                              # returns when the call ends; frees the session
 
-A call's frames:  transport.input → user turn (VAD + end of turn) → ChromaS2SService
+A call's frames:  transport.input → [keypad → flow] → user turn (VAD + end of turn) → ChromaS2SService
                   → transport.output → PlayoutTracker → assistant context
+
+With a flow file (`flow:` in the agent file) each call runs its own pipecat `FlowManager` from the
+moment its pipeline starts, with the flow's tools and telephony actions bound to that call.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.file_download import _CACHED_NO_EXIST
 from loguru import logger
+from pipecat.flows import FlowManager
 from pipecat.frames.frames import EndFrame, OutputTransportMessageUrgentFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -30,15 +35,18 @@ from pipecat.processors.aggregators.llm_response_universal import (
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.workers.runner import WorkerRunner
 
+from flows.dtmf import DTMFInput
+from flows.runtime import CallFlow
 from processors.chroma.checkpoint import load_model
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
-from processors.chroma.generation import Sampling
+from processors.chroma.generation import Sampling, ThinkerStream
 from processors.chroma.service import ChromaS2SService
 from processors.playout import PlayoutTracker
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
 from voices.profile import load_voice
 
+from .call_control import PipelineCallControl
 from .metrics import ServerMetrics
 from .spec import AgentSpec
 
@@ -88,8 +96,18 @@ class CallStats:
 
 
 class AgentRuntime:
-    def __init__(self, spec: AgentSpec, *, model=None, metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        spec: AgentSpec,
+        *,
+        model=None,
+        metrics: ServerMetrics | None = None,
+        reasoner: Callable[[], Callable[..., ThinkerStream]] | None = None,
+    ):
+        """`reasoner`: gives each new call the factory that picks its thinker's tokens, in place of the
+        thinker's own choice (tests and scenario runs on the tiny model: a `ScriptedReasoner`)."""
         self.spec = spec
+        self.reasoner = reasoner
         if model is None:
             device = None if spec.device == "auto" else spec.device
             source = model_source(spec.model_source)
@@ -127,6 +145,7 @@ class AgentRuntime:
             lookahead=r.lookahead,
             max_frames=r.max_frames,
             sampling=sampling,
+            **({"thinker_stream": self.reasoner()} if self.reasoner is not None else {}),
         )
 
     def new_call(
@@ -158,7 +177,14 @@ class Call:
         self.runtime = runtime
         self.transport = transport
         self.stats = CallStats(call_id, kind)
-        self.service = ChromaS2SService(runtime.new_session(), out_rate=out_rate, name=f"chroma-{call_id}")
+
+        # What the call did besides talking (flows): read by tests and conversation reports.
+        self.flow_state: dict = {}  # seeds the flow's state: the caller's number and the like
+        self.tool_calls: list[tuple[str, dict]] = []
+        self.dtmf_sent: list[str] = []
+        self.transferred_to: str | None = None
+        self.ended_by_agent = False
+        self.flow = CallFlow(spec.flow_file, PipelineCallControl(self)) if spec.flow_file is not None else None
         vad = make_vad_analyzer(
             spec.vad.analyzer,
             aggressiveness=spec.vad.aggressiveness,
@@ -176,6 +202,9 @@ class Call:
         )
         messages = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
         self.context = LLMContext(messages=messages)
+        self.service = ChromaS2SService(
+            runtime.new_session(), context=self.context, out_rate=out_rate, name=f"chroma-{call_id}"
+        )
         self.aggregators = LLMContextAggregatorPair(
             self.context,
             user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=strategies),
@@ -183,6 +212,7 @@ class Call:
         pipeline = Pipeline(
             [
                 transport.input(),
+                *([DTMFInput(self.flow.digits)] if self.flow is not None else []),
                 self.aggregators.user(),
                 self.service,
                 transport.output(),
@@ -202,6 +232,25 @@ class Call:
             conversation_id=call_id,
         )
         self._wire_events()
+        if self.flow is not None:
+            self._start_flow()
+
+    def _start_flow(self) -> None:
+        manager = FlowManager(
+            worker=self.worker,
+            llm=self.service,
+            context_aggregator=self.aggregators,
+            transport=self.transport,
+            global_functions=self.flow.global_functions,
+        )
+
+        @self.worker.event_handler("on_pipeline_started")
+        async def _started(_worker, _frame):
+            try:
+                await self.flow.start(manager, state=self.flow_state)
+            except Exception:
+                logger.exception(f"call {self.stats.call_id}: the flow could not start; ending the call")
+                await self.hang_up()
 
     def _wire_events(self):
         stats, metrics, service = self.stats, self.runtime.metrics, self.service
@@ -225,6 +274,10 @@ class Call:
         @service.event_handler("on_input_dropped")
         async def _dropped(_service, reason):
             metrics.dropped(reason)
+
+        @service.event_handler("on_tool_call")
+        async def _tool_call(_service, call):
+            self.tool_calls.append((call.name, dict(call.arguments)))
 
         @service.event_handler("on_barge_in")
         async def _barge_in(_service, heard_frames, sent_frames):

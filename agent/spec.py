@@ -41,6 +41,8 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from flows.file import FlowFile, load_flow
+from flows.problems import FlowFileError
 from voices.library import LibraryError, VoiceLibrary
 from voices.profile import Voice, VoiceError, load_voice
 
@@ -246,12 +248,18 @@ class AgentSpec(_Section):
     turn: TurnSpec = Field(default_factory=TurnSpec, description="End-of-turn detection.")
     response: ResponseSpec = Field(default_factory=ResponseSpec, description="Reply generation.")
     transports: TransportsSpec = Field(default_factory=TransportsSpec, description="Enabled transports.")
+    flow: Text | None = Field(
+        None,
+        description="A flow file (relative to this file): nodes, tools and telephony actions the calls follow. "
+        "Checked with everything in it when the agent file loads.",
+    )
     path: SkipJsonSchema[Path] = Field(
         exclude=True, description="The agent file, absolute; set by load_agent."
     )
 
     _voice: Voice | None = PrivateAttr(None)
     _library: Path | None = PrivateAttr(None)
+    _flow: FlowFile | None = PrivateAttr(None)
 
     @property
     def voice_folder(self) -> Path:
@@ -295,11 +303,33 @@ class AgentSpec(_Section):
         context["voice"] = voice  # kept by _keep_voice: loading twice would check the audio twice
         return str(folder)
 
+    @field_validator("flow")
+    @classmethod
+    def _flow_loads(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = (_base(info) / Path(value).expanduser()).resolve()
+        try:
+            flow = load_flow(path)
+        except FlowFileError as exc:
+            raise _problem(f"{_show(value)}: the flow file has problems:\n  " + str(exc).replace("\n", "\n  ")) from None
+        if info.context is not None:
+            info.context["flow"] = flow
+        return str(path)
+
+    @property
+    def flow_file(self) -> FlowFile | None:
+        """The checked flow, loaded when the agent file was."""
+        if self._flow is None and self.flow is not None:
+            self._flow = load_flow(self.flow)
+        return self._flow
+
     @model_validator(mode="after")
     def _keep_voice(self, info: ValidationInfo) -> AgentSpec:
         context = info.context or {}
         self._voice = context.get("voice")
         self._library = context.get("library")
+        self._flow = context.get("flow")
         return self
 
     @property

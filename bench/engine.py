@@ -359,7 +359,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--preset", choices=["tiny"], default="tiny", help="built-in model preset (default: tiny)")
+    p.add_argument("--preset", choices=["tiny", "random-4b"], default="tiny",
+                   help="built-in model preset: tiny, or random-4b (the released dimensions, random weights; for GPUs)")
     p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face id; overrides --preset")
     p.add_argument("--frames", type=int, default=100, help="reply length in frames, 80 ms each (default: 100)")
     p.add_argument("--repeats", type=int, default=5, help="runs per measurement; medians reported (default: 5)")

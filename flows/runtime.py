@@ -41,6 +41,8 @@ class CallFlow:
         self._actions = action_handlers(control)
         self._manager: FlowManager | None = None
         self._voice: str | None = None
+        self.nodes: list[str] = []  # every node entered, in order
+        self.on_node = None  # optional callback(name), as each node is entered
         self.digits = DigitCollector(go=self.go_to, state=lambda: self._manager.state)
         self._nodes: dict[str, NodeConfig] = {
             name: self._node(name, node) for name, node in flow.config.nodes.items()
@@ -153,6 +155,9 @@ class CallFlow:
 
     async def _enter(self, action: dict, manager: FlowManager) -> None:
         name = action["node"]
+        self.nodes.append(name)
+        if self.on_node is not None:
+            self.on_node(name)
         voice = self.flow.voices.get(name)
         # A voice stays until a node names another, as pipecat's role_message does.
         if voice is not None and voice != self._voice:

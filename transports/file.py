@@ -1,16 +1,24 @@
 """A simulated call for tests and batch use: the caller's audio is played into the pipeline in real
-time, and the agent's audio is recorded on the same timeline, silences included."""
+time, and the agent's audio is recorded on the same timeline, silences included.
+
+The caller can also act while the call runs (`play` more audio, `press` keys), and what the agent
+does besides speaking (DTMF it sends, a transfer it asks for) is logged in `events`."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import numpy as np
+from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
+    InputDTMFFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
+    OutputDTMFFrame,
+    OutputDTMFUrgentFrame,
     StartFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection
@@ -71,12 +79,11 @@ class FileInputTransport(BaseInputTransport):
         resampler = StreamResampler(call.caller_rate, rate)
         step = call.frame_ms / 1000
         per_frame = call.caller_rate * call.frame_ms // 1000
-        pcm = call.caller_pcm
         clock = call.clock
         i = 0
         while True:
             await clock.sleep_until(i * step)
-            chunk = pcm[i * per_frame : (i + 1) * per_frame]
+            chunk = call._take(per_frame)
             if chunk.size == 0 and not call.caller_done.is_set():
                 call.caller_done.set()
                 await self._call._call_event_handler("on_caller_finished")
@@ -113,6 +120,12 @@ class FileOutputTransport(BaseOutputTransport):
         await call.clock.sleep_until(call.cursor)
         return True
 
+    def _supports_native_dtmf(self) -> bool:
+        return True  # logged as a key press, not played as tones
+
+    async def _write_dtmf_native(self, frame: OutputDTMFFrame | OutputDTMFUrgentFrame):
+        self._call.events.append(("dtmf_out", self._call.clock.now(), frame.button.value))
+
 
 class FileCallTransport(BaseTransport):
     """Events: on_caller_finished(transport) once the caller's audio has all been sent."""
@@ -123,6 +136,7 @@ class FileCallTransport(BaseTransport):
         if pcm.dtype != np.int16:
             pcm = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
         self.caller_pcm = pcm.reshape(-1)
+        self._pending: deque[np.ndarray] = deque([self.caller_pcm])  # caller audio not yet sent
         self.caller_rate = caller_rate
         self.output_rate = output_rate
         self.frame_ms = frame_ms
@@ -130,7 +144,7 @@ class FileCallTransport(BaseTransport):
         self.cursor = 0.0
         self.caller_done = asyncio.Event()
         self.agent_chunks: list[tuple[float, int, np.ndarray]] = []
-        self.events: list[tuple[str, float]] = []
+        self.events: list[tuple] = []  # (kind, seconds, *details)
         self._params = TransportParams(
             audio_in_enabled=True,
             audio_out_enabled=True,
@@ -147,6 +161,41 @@ class FileCallTransport(BaseTransport):
 
     def output(self) -> FileOutputTransport:
         return self._output
+
+    def _take(self, samples: int) -> np.ndarray:
+        parts, need = [], samples
+        while need and self._pending:
+            head = self._pending[0]
+            parts.append(head[:need])
+            need -= parts[-1].size
+            if head.size <= parts[-1].size:
+                self._pending.popleft()
+            else:
+                self._pending[0] = head[parts[-1].size :]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+    @property
+    def caller_busy(self) -> bool:
+        """Caller audio is still waiting to be sent."""
+        return any(p.size for p in self._pending)
+
+    def play(self, pcm: np.ndarray) -> float:
+        """The caller says more: int16 audio at caller_rate, sent after what is already waiting.
+        Returns when (call seconds) it starts."""
+        waiting = sum(p.size for p in self._pending) / self.caller_rate
+        self._pending.append(np.asarray(pcm, np.int16).reshape(-1))
+        return self.clock.now() + waiting
+
+    async def press(self, digits: str) -> None:
+        """The caller presses keys (0-9, *, #, A-D)."""
+        for digit in digits:
+            self.events.append(("dtmf_in", self.clock.now(), digit))
+            await self._input.push_frame(InputDTMFFrame(button=KeypadEntry(digit)))
+
+    async def transfer(self, target: str) -> bool:
+        """A flow's transfer_call: logged; the simulated line always accepts."""
+        self.events.append(("transfer", self.clock.now(), target))
+        return True
 
     def recording(self, duration: float | None = None) -> np.ndarray:
         """The agent's side of the call as int16 at output_rate, silence where it did not speak."""

@@ -81,6 +81,7 @@ class TwilioCallTransport(BaseTransport):
         self.websocket = websocket
         self.state = state
         self.caller_stopped = False  # Twilio sent `stop` (the call or stream already ended there)
+        self.transferred = False  # a transfer was accepted: the call is no longer ours to hang up
         self._on_bad_input = on_bad_input
         self._rest_client = rest_client
         self._account_sid = account_sid or state.account_sid
@@ -155,7 +156,8 @@ class TwilioCallTransport(BaseTransport):
         except ValueError as e:
             logger.error(f"Twilio call {self.state.call_sid}: transfer not sent: {e}")
             return False
-        return await self._update(twiml, "transfer")
+        self.transferred = await self._update(twiml, "transfer")
+        return self.transferred
 
     def _client(self):
         if self._rest_client is None and self._account_sid and self._auth_token:
@@ -297,8 +299,9 @@ class TwilioOutputTransport(BaseOutputTransport):
         t = self._transport
         if not t.caller_stopped:
             await self._wait_played()
-            if not t.caller_stopped:
-                # Closing alone would resume the caller's TwiML after <Connect>; hang up explicitly.
+            if not t.caller_stopped and not t.transferred:
+                # Closing alone would resume the caller's TwiML after <Connect>; hang up explicitly
+                # (not after a transfer: the call now belongs to the <Dial>).
                 await t.hang_up()
         await t.close()
 

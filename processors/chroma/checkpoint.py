@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
-from .config import ChromaConfig, ConfigError, tiny_config
+from .config import ChromaConfig, ConfigError, preset_config, tiny_config
 from .modeling import ChromaModel
 from .text import tokenizer_for
 
@@ -126,27 +126,42 @@ def build_tiny(
     return model.eval()
 
 
-def _randomise(model: ChromaModel, seed: int) -> None:
+def build_random_4b(seed: int = TINY_SEED, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The released model's dimensions with random weights: real compute, noise out (for timing)."""
+    device = torch.device(device)
+    model = _construct(preset_config("random-4b"), device, dtype)
+    with torch.no_grad():
+        _randomise(model, seed, on_device=True)
+    model.source = "random-4b"
+    model.tokenizer = tokenizer_for(model.config, None)
+    return model.eval()
+
+
+def _randomise(model: ChromaModel, seed: int, on_device: bool = False) -> None:
     """Give every tensor a non-trivial value so tests notice a wrong wire (the transformers
-    inits leave layer scales near zero and the codec's codebooks empty)."""
-    gen = torch.Generator().manual_seed(seed)
+    inits leave layer scales near zero and the codec's codebooks empty). `on_device` draws on the
+    model's device (fast for billions of values; the tiny preset draws on the CPU, the same everywhere)."""
+    device = model.device if on_device else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda shape: torch.randn(shape, generator=gen, device=device)  # noqa: E731
+    rand = lambda shape: torch.rand(shape, generator=gen, device=device)  # noqa: E731
     for name, tensor in model.state_dict().items():
         if not tensor.is_floating_point() or name.endswith("codebook.initialized"):
             tensor.fill_(1)
             continue
         if name.endswith("cluster_usage"):
-            tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            tensor.copy_(rand(tensor.shape) + 0.5)
         elif name.endswith("norm.weight") or name.endswith("layernorm.weight") or "layer_norm" in name:
-            tensor.copy_(1.0 + 0.1 * torch.randn(tensor.shape, generator=gen))
+            tensor.copy_(1.0 + 0.1 * randn(tensor.shape))
         elif name.endswith("layer_scale.scale"):
-            tensor.copy_(0.3 + 0.1 * torch.rand(tensor.shape, generator=gen))
+            tensor.copy_(0.3 + 0.1 * rand(tensor.shape))
         else:
             fan_in = tensor.shape[-1] if tensor.dim() > 1 else 16
             if tensor.dim() == 3 and "codebook_head" not in name:  # conv [out, in, k]
                 fan_in = tensor.shape[1] * tensor.shape[2]
             if "codebook_head" in name:
                 fan_in = tensor.shape[1]
-            tensor.copy_(torch.randn(tensor.shape, generator=gen) / max(fan_in, 1) ** 0.5)
+            tensor.copy_(randn(tensor.shape) / max(fan_in, 1) ** 0.5)
     model.tie_weights()
 
 
@@ -221,13 +236,15 @@ def _download(repo_id: str) -> Path:
 def load_model(
     source: str | Path = "tiny", device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> ChromaModel:
-    """Load a Chroma model from "tiny", a checkpoint folder or a Hugging Face id.
+    """Load a Chroma model from a preset ("tiny", "random-4b"), a checkpoint folder or a Hugging Face id.
 
     Defaults: CUDA with bf16 when CUDA is present, else CPU float32."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if str(source) == "tiny":
         return build_tiny(device=device, dtype=dtype)
+    if str(source) == "random-4b":
+        return build_random_4b(device=device, dtype=dtype)
     folder = _resolve(str(source))
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: not a Chroma checkpoint (no config.json)")

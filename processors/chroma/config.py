@@ -244,3 +244,48 @@ def tiny_config_dict() -> dict[str, Any]:
 
 def tiny_config() -> ChromaConfig:
     return ChromaConfig.from_dict(tiny_config_dict(), source="tiny preset")
+
+
+# -- the random-4b preset ------------------------------------------------------
+
+def random_4b_config_dict() -> dict[str, Any]:
+    """The released model's dimensions (Qwen2.5-Omni-3B thinker, 1B backbone, 100M decoder, Mimi)
+    with the tiny preset's byte tokenizer and ids: for timing the real compute on a GPU without the
+    weights. Only the vision tower, which a speech agent never runs, stays small."""
+    d = tiny_config_dict()
+    d["chroma_agents_preset"] = "random-4b"
+    t = d["thinker_config"]
+    t["audio_config"] = dict(
+        num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+        d_model=1280, output_dim=2048, n_window=100, max_source_positions=1500,
+    )
+    t["vision_config"]["out_hidden_size"] = 2048
+    t["text_config"] = dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    )
+    llama = dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5,
+    )
+    d["backbone_config"] = dict(llama, audio_num_codebooks=8, vocab_size=2051, max_position_embeddings=2048)
+    d["decoder_config"] = dict(
+        llama, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=128, audio_num_codebooks=8, audio_embedding_dim=2048, vocab_size=2051, max_position_embeddings=33,
+    )
+    d["codec_config"] = dict(
+        hidden_size=512, num_filters=64, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+        head_dim=64, intermediate_size=2048, codebook_dim=256, vector_quantization_hidden_dimension=256,
+        upsample_groups=512, num_quantizers=8, codebook_size=2048, upsampling_ratios=[8, 6, 5, 4],
+        sliding_window=250,
+    )
+    return d
+
+
+def preset_config(name: str) -> ChromaConfig:
+    """A built-in preset's config: 'tiny' or 'random-4b'."""
+    makers = {"tiny": tiny_config_dict, "random-4b": random_4b_config_dict}
+    if name not in makers:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(makers)}")
+    return ChromaConfig.from_dict(makers[name](), source=f"{name} preset")

@@ -31,13 +31,17 @@ class TokenFilter:
     """Sees each thinker token before the backbone does; returns the tokens to speak now.
 
     Return [] to hold a token back (and release it later) or to drop it. The default
-    speaks everything. A later tool-call filter holds `<tool_call>` spans here."""
+    speaks everything; the tool-call filter (tools.py) holds `<tool_call>` spans here."""
 
     def push(self, token: ThinkerToken) -> list[ThinkerToken]:
         return [token]
 
     def finish(self) -> list[ThinkerToken]:
         return []
+
+    def should_pause(self) -> bool:
+        """True once after the thinker wrote something the reply must wait on (a complete tool call)."""
+        return False
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:
@@ -67,6 +71,7 @@ class ThinkerStream:
         self.filter = token_filter or TokenFilter()
         self.max_tokens = max_tokens
         self.raw_tokens: list[int] = []  # everything the thinker produced, in order
+        self.paused_at_call = False  # the text ended at a tool call: the answer needs its result
         self._ready: deque[ThinkerToken] = deque()
         self._ended = False
         self._accept(first_hidden, first_token)
@@ -76,7 +81,11 @@ class ThinkerStream:
         self.raw_tokens.append(token_id)
         pair = ThinkerToken(token_id, hidden, self.model.embed_text(token.view(1)).view(1, -1))
         self._ready.extend(self.filter.push(pair))
-        if token_id == self.model.config.im_end_token_id or len(self.raw_tokens) >= self.max_tokens:
+        if self.filter.should_pause():
+            # Stop decoding here: what the thinker says next depends on the tool's result, which it
+            # reads in the next reply. The backbone speaks what came before the call, then ends.
+            self.paused_at_call = True
+        if self.paused_at_call or token_id == self.model.config.im_end_token_id or len(self.raw_tokens) >= self.max_tokens:
             self._ended = True
             self._ready.extend(self.filter.finish())
 

@@ -53,25 +53,40 @@ class ScriptedReasoner:
     """Scripted turns, one per reply, taken in order; a reply past the script says nothing.
 
     Called as the session calls `ThinkerStream` (the `thinker_stream` factory), it returns a stream
-    that forces the next turn's tokens. `replies` keeps, per reply, the tokens it forced."""
+    that forces the next turn's tokens. A turn's reply stops at a `Call` (the session pauses there, as
+    for the real thinker); once the session hands back the call's result (`tool_result`), the next
+    reply continues that turn's remaining steps. `replies` keeps, per reply, the tokens it forced."""
 
     def __init__(self, tokenizer, turns: list[list[Step]]):
         self.tokenizer = tokenizer
         self.turns: deque[list[Step]] = deque(list(t) for t in turns)
         self.replies: list[list[int]] = []
+        self.results: list[Any] = []  # every tool result handed back, in order
+        self._last: ScriptedThinkerStream | None = None
+        self._resume = False
 
     def add_turn(self, steps: list[Step]) -> None:
         self.turns.append(list(steps))
 
+    def tool_result(self, result: Any) -> None:
+        self.results.append(result)
+        self._resume = True
+
     def __call__(self, model, cache, next_position, first_hidden, first_token, lookahead=3,
                  token_filter: TokenFilter | None = None, max_tokens: int = 1024) -> ScriptedThinkerStream:
-        steps = self.turns.popleft() if self.turns else []
+        last = self._last
+        if self._resume and last is not None and last.paused_at_call:
+            steps, result = list(last.remaining_steps), self.results[-1]
+        else:  # a new turn; a call that never got its result leaves the rest of its turn unsaid
+            steps, result = (self.turns.popleft() if self.turns else []), None
+        self._resume = False
         forced: list[int] = []
         self.replies.append(forced)
-        return ScriptedThinkerStream(
+        self._last = ScriptedThinkerStream(
             model, cache, next_position, first_hidden, first_token, lookahead, token_filter, max_tokens,
-            steps=steps, tokenizer=self.tokenizer, forced_log=forced,
+            steps=steps, tokenizer=self.tokenizer, forced_log=forced, last_result=result,
         )
+        return self._last
 
 
 def forced_text_stream(tokenizer, text: str) -> Callable[..., ScriptedThinkerStream]:
@@ -82,17 +97,19 @@ def forced_text_stream(tokenizer, text: str) -> Callable[..., ScriptedThinkerStr
 class ScriptedThinkerStream(ThinkerStream):
     """A `ThinkerStream` whose every token is taken from the script instead of the thinker's pick."""
 
-    def __init__(self, *args, steps: list[Step], tokenizer, forced_log: list[int] | None = None, **kwargs):
+    def __init__(self, *args, steps: list[Step], tokenizer, forced_log: list[int] | None = None,
+                 last_result: Any = None, **kwargs):
         self._steps: deque[Step] = deque(steps)
         self._tokenizer = tokenizer
         self._queue: deque[int] = deque()
-        self._last_result: Any = None
+        self._last_result = last_result  # what a callable `Say` is given
         self.forced_log = forced_log if forced_log is not None else []
         super().__init__(*args, **kwargs)
 
-    def tool_result(self, result: Any) -> None:
-        """The result the thinker was given for the turn's last call (read by a callable `Say`)."""
-        self._last_result = result
+    @property
+    def remaining_steps(self) -> list[Step]:
+        """The script's steps not yet started (after a pause at a call: the rest of the turn)."""
+        return list(self._steps)
 
     def _next_forced(self) -> int:
         while not self._queue and self._steps:

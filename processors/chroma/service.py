@@ -4,6 +4,12 @@ Caller audio (16 kHz) is kept while the user speaks; when the user's turn ends t
 goes to the call's engine session, and its chunks come back as TTS audio and text frames. A
 barge-in cancels the session, and the output side's report of what was played (AudioPlayedFrame,
 from processors.playout) tells the session what the caller heard.
+
+Tool calls go through pipecat's function-call machinery, so `FlowManager` transitions work unchanged:
+the session reports a parsed call, `run_function_calls` runs the registered handler, and its result
+(seen here as it is broadcast) goes back into the thinker. The `LLMContextFrame` that pipecat sends
+next (a result with run_llm, or a new node's LLMRunFrame) starts the reply that continues the turn.
+Telephony actions arrive in order with the other frames as `CallActionFrame`s.
 """
 
 from __future__ import annotations
@@ -11,13 +17,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from loguru import logger
 from pipecat.frames.frames import (
     CancelFrame,
+    ControlFrame,
     EndFrame,
+    EndWorkerFrame,
     Frame,
+    FunctionCallFromLLM,
+    FunctionCallResultFrame,
     InputAudioRawFrame,
     InterruptionFrame,
     LLMContextFrame,
@@ -25,6 +37,7 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
     LLMServiceMetadataFrame,
+    LLMSetToolsFrame,
     LLMTextFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
@@ -45,18 +58,39 @@ from .config import LISTEN_RATE, SAMPLE_RATE
 FRAME_SECONDS = 0.08  # one Chroma audio frame
 
 
+@dataclass
+class CallActionFrame(ControlFrame):
+    """A flow's telephony action, queued at the top of the call's pipeline so that it takes its turn
+    after the replies asked for before it (a node's post_actions run before its reply has started).
+
+    `say`: speak this text in the agent's voice, after the replies before it. `audio`: play this 16-bit
+    mono PCM at `rate`, likewise. `when_quiet`: run this once nothing is being said or waits to be
+    (hang up, transfer, send DTMF); a barge-in does not cancel it."""
+
+    say: str | None = None
+    audio: bytes | None = None
+    rate: int = 0
+    when_quiet: Callable[[], Awaitable[None]] | None = None
+    interruptible: bool = field(default=True, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.interruptible = self.when_quiet is None
+
+
 class ChromaS2SService(LLMService):
     """Speech in, speech out, on one `ChromaSession` (see processors/chroma/session.py).
 
     Events: on_turn_started(service, turn), on_first_audio(service, ttfa_seconds),
     on_turn_finished(service, text, interrupted), on_barge_in(service, heard_frames, sent_frames),
-    on_input_dropped(service, reason).
+    on_input_dropped(service, reason), on_tool_call(service, call), on_tool_result(service, call_id, result).
     """
 
     def __init__(
         self,
         session,
         *,
+        context=None,
         out_rate: int = SAMPLE_RATE,
         preroll_secs: float = 0.5,
         max_turn_secs: float = 60.0,
@@ -94,7 +128,14 @@ class ChromaS2SService(LLMService):
         self._frames_pushed = 0
         self._turn_count = 0
         self._seen_messages = 0
-        for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped"):
+        # The call's LLMContext (shared with its aggregators): flows append a node's task messages there,
+        # and the thinker reads the new system ones before each reply. Function calls carry it too.
+        self._context = context
+        self._calls: dict[str, object] = {}  # tool calls made and not yet answered, by id
+        self._pending_actions: set[asyncio.Task] = set()
+        session.on_tool_call = self._tool_call
+        for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped",
+                     "on_tool_call", "on_tool_result"):
             self._register_event_handler(name)
 
     def can_generate_metrics(self) -> bool:
@@ -139,11 +180,23 @@ class ChromaS2SService(LLMService):
             await self._barge_in()
             return
         elif isinstance(frame, LLMContextFrame):
+            # pipecat's "run the model now": a tool's result, or a flow node that speaks first
+            self._context = frame.context
             self._take_instructions(frame.context.get_messages())
+            self._queue_reply(None)
+            return
         elif isinstance(frame, LLMMessagesAppendFrame):
             self._take_instructions(frame.messages, appended=True)
+        elif isinstance(frame, LLMSetToolsFrame):
+            self._sync_registered_tool_handlers(frame.tools)
+            self.session.set_tools(frame.tools)
+        elif isinstance(frame, CallActionFrame):
+            self._call_action(frame)
+            return
         elif isinstance(frame, (EndFrame, CancelFrame)):
             await self._stop_reply()
+            for task in list(self._pending_actions):
+                await self.cancel_task(task)
         await self.push_frame(frame, direction)
 
     # -- caller audio -------------------------------------------------------------
@@ -169,9 +222,20 @@ class ChromaS2SService(LLMService):
         while self._preroll_bytes - len(self._preroll[0]) >= self._preroll_max:
             self._preroll_bytes -= len(self._preroll.popleft())
 
+    async def _update_settings(self, delta: LLMSettings):
+        changed = await super()._update_settings(delta)
+        role = self._settings.system_instruction
+        if "system_instruction" in changed and isinstance(role, str) and role.strip():
+            # a flow node's role message: the thinker reads it before the next reply
+            if role.strip() != self.session.system_prompt.strip():
+                self.session.instruct(role)
+        return changed
+
     def _take_instructions(self, messages: list, appended: bool = False) -> None:
         """System and developer messages become instructions the thinker reads before the next
         turn; the agent's own system prompt is already in the session."""
+        if not appended and len(messages) < self._seen_messages:
+            self._seen_messages = 0  # the context was replaced (a flow node's reset strategy)
         start = 0 if appended else self._seen_messages
         new = messages[start:]
         if not appended:
@@ -196,13 +260,21 @@ class ChromaS2SService(LLMService):
         self._turn = None
         self._preroll.clear()
         self._preroll_bytes = 0
-        previous = self._reply_task
-        self._reply_task = self.create_task(self._reply(audio, previous, time.time()), "chroma-reply")
+        self._queue_reply(audio)
 
-    async def _reply(self, user_audio: np.ndarray, previous: asyncio.Task | None, turn_end: float) -> None:
+    def _queue_reply(self, user_audio: np.ndarray | None, say: str | None = None) -> None:
+        """A reply after the ones already queued: to the caller's audio, or on the agent's own turn."""
+        previous = self._reply_task
+        self._reply_task = self.create_task(self._reply(user_audio, previous, time.time(), say), "chroma-reply")
+
+    async def _reply(
+        self, user_audio: np.ndarray | None, previous: asyncio.Task | None, turn_end: float, say: str | None = None
+    ) -> None:
         # turn_end is wall-clock time, the base pipecat's metrics use
         if previous is not None and not previous.done():
-            await previous  # interruptions disabled: the caller's turn waits for the agent's
+            await asyncio.wait({previous})  # replies take turns (interruptions off, or queued by a flow)
+        if self._context is not None:
+            self._take_instructions(self._context.get_messages())
         self._turn_count += 1
         self._frames_pushed = 0
         await self._call_event_handler("on_turn_started", self._turn_count)
@@ -213,7 +285,7 @@ class ChromaS2SService(LLMService):
         started = False
         out = StreamResampler(SAMPLE_RATE, self.out_rate) if self.out_rate != SAMPLE_RATE else None
         try:
-            async for chunk in self.session.respond(user_audio):
+            async for chunk in self.session.respond(user_audio, say=say):
                 if not started:
                     started = True
                     await self.stop_ttfb_metrics()
@@ -241,6 +313,67 @@ class ChromaS2SService(LLMService):
             await self.push_frame(TTSStoppedFrame())
         await self.push_frame(LLMFullResponseEndFrame())
         await self._call_event_handler("on_turn_finished", said, False)
+
+    # -- tools and telephony actions -----------------------------------------------------
+
+    def _tool_call(self, call) -> None:
+        """The session parsed a call (the reply speaks what came before it and stops there)."""
+        self._calls[call.call_id] = call
+        logger.info(f"{self}: tool call {call.name}({call.arguments})")
+        function_call = FunctionCallFromLLM(
+            function_name=call.name, tool_call_id=call.call_id, arguments=call.arguments, context=self._context
+        )
+        self.create_task(self._run_call(call, function_call), f"chroma-tool-{call.name}")
+
+    async def _run_call(self, call, function_call: FunctionCallFromLLM) -> None:
+        await self._call_event_handler("on_tool_call", call)
+        await self.run_function_calls([function_call])
+
+    async def broadcast_frame(self, frame_cls: type[Frame], **kwargs):
+        # A function call's result is broadcast from here; the thinker reads it before the next reply.
+        if frame_cls is FunctionCallResultFrame and kwargs.get("tool_call_id") in self._calls:
+            call_id = kwargs["tool_call_id"]
+            self._calls.pop(call_id)
+            self.session.tool_result(kwargs.get("result"))
+            await self._call_event_handler("on_tool_result", call_id, kwargs.get("result"))
+        await super().broadcast_frame(frame_cls, **kwargs)
+
+    def _call_action(self, frame: CallActionFrame) -> None:
+        if frame.say is not None:
+            self._queue_reply(None, say=frame.say)
+        elif frame.audio is not None:
+            previous = self._reply_task
+            self._reply_task = self.create_task(self._play(frame.audio, frame.rate, previous), "chroma-play")
+        elif frame.when_quiet is not None:
+            task = self.create_task(self._when_quiet(frame.when_quiet), "chroma-call-action")
+            self._pending_actions.add(task)
+            task.add_done_callback(self._pending_actions.discard)
+
+    async def _play(self, pcm: bytes, rate: int, previous: asyncio.Task | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
+        if rate != self.out_rate:
+            resampler = StreamResampler(rate, self.out_rate)
+            pcm = resampler.process(pcm) + resampler.flush()
+        await self.push_frame(TTSStartedFrame())
+        step = self.out_rate // 50 * 2  # 20 ms pieces, as speech goes out
+        for start in range(0, len(pcm), step):
+            await self.push_frame(TTSAudioRawFrame(audio=pcm[start : start + step], sample_rate=self.out_rate, num_channels=1))
+        await self.push_frame(TTSStoppedFrame())
+
+    async def _when_quiet(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Run `action` once no reply is being generated or queued (replies queued later do not count)."""
+        while (task := self._reply_task) is not None and not task.done():
+            await asyncio.wait({task})
+        try:
+            await action()
+        except Exception:
+            logger.exception(f"{self}: call action failed")
+
+    async def end_call(self) -> None:
+        """Hang up once what has been said is played out: pushed downstream, behind the reply's audio,
+        the request reaches the worker after that audio has gone out; the worker then ends the call."""
+        await self.push_frame(EndWorkerFrame(reason="the agent ended the call"))
 
     async def _push_text(self, text: str) -> None:
         # LLMTextFrame for transcripts/observers (kept out of the context); TTSTextFrame travels in

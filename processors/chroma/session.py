@@ -7,6 +7,12 @@
     session.heard(frames)            # what the caller actually heard of the cut reply
     session.set_voice(other_voice)   # the next reply speaks in it; the conversation carries over
 
+Tool calls: after `set_tools(tools)` the thinker is told the functions it may call. A call it writes is
+held back from the backbone (never spoken) and handed to `on_tool_call` as soon as it is parsed; the
+reply speaks what came before the call and ends there. `tool_result(result)` gives the result back, and
+`respond()` with no audio continues the turn from it. `respond(say="...")` speaks fixed text in the
+agent's voice through the same model (its tokens are forced as the thinker's output).
+
 Model steps run on the device's worker thread; results come back through an asyncio queue.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +45,9 @@ from .generation import (
     truncate_cache,
 )
 from .modeling import ChromaModel
+from .scripted import forced_text_stream
 from .text import ChatLayout, Listener
+from .tools import ToolCall, ToolCallFilter, tool_descriptions, tool_response_text, tools_system_text
 
 
 class DeviceWorker:
@@ -104,6 +113,7 @@ class _Reply:
     steps: ResponseSteps
     thinker_cache_length: int  # thinker cache length at the start of the reply's text
     thinker_next_position: int
+    token_filter: TokenFilter
     frames_emitted: int = 0
 
 
@@ -164,7 +174,7 @@ class ChromaSession:
         self.lookahead = lookahead
         self.max_frames = max_frames
         self.sampling = sampling or Sampling()
-        self.token_filter = token_filter or TokenFilter
+        self.token_filter = token_filter  # None: the tool-call filter once tools are set, else speak all
         self.thinker_stream = thinker_stream  # how the thinker's tokens are chosen (a script, in tests)
         self.reuse_voice_prompt = reuse_voice_prompt
         self.worker = DeviceWorker.for_device(model.device)
@@ -172,6 +182,11 @@ class ChromaSession:
         self.thinker_cache = DynamicCache()
         self.thinker_position = 0
         self.pending_ids = self.layout.system(system_prompt) if system_prompt else []
+        self._pending_lock = threading.Lock()  # pending_ids: the event loop adds, the device thread takes
+        self.tools: list[dict] = []  # the functions the thinker has been told it may call
+        self._tools_key = "[]"
+        self.on_tool_call: Callable[[ToolCall], None] | None = None  # called on the event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.history_ids: list[int] = []  # every id the thinker has read, in order (for inspection)
         self.turns: list[str] = []  # the assistant text kept from each finished turn
         self._reply: _Reply | None = None
@@ -180,9 +195,12 @@ class ChromaSession:
 
     # -- public API ------------------------------------------------------------
 
-    async def respond(self, user_audio_16k: np.ndarray) -> AsyncIterator[AudioChunk]:
-        """Stream the reply to one user turn as 24 kHz chunks."""
-        await self.worker.run(self._start_reply, np.asarray(user_audio_16k, dtype=np.float32).reshape(-1))
+    async def respond(self, user_audio_16k: np.ndarray | None = None, *, say: str | None = None) -> AsyncIterator[AudioChunk]:
+        """Stream the reply to one user turn as 24 kHz chunks. With no audio the agent speaks on its own
+        turn (after a tool's result, or when a flow node starts); `say` makes that turn exactly this text."""
+        self._loop = asyncio.get_running_loop()
+        audio = None if user_audio_16k is None else np.asarray(user_audio_16k, dtype=np.float32).reshape(-1)
+        await self.worker.run(self._start_reply, audio, say)
         queue: asyncio.Queue = asyncio.Queue(maxsize=2)
         producer = asyncio.create_task(self._produce(queue))
         try:
@@ -201,7 +219,31 @@ class ChromaSession:
 
     def instruct(self, text: str) -> None:
         """A system instruction the thinker reads before the next user turn (a flow node's task)."""
-        self.pending_ids = self.pending_ids + self.layout.system(text)
+        with self._pending_lock:
+            self.pending_ids = self.pending_ids + self.layout.system(text)
+
+    def set_tools(self, tools) -> None:
+        """The functions the thinker may call from the next reply on (a pipecat `ToolsSchema`, its
+        `FunctionSchema`s, or plain dicts), told to it as a system instruction when they change."""
+        described = tool_descriptions(tools)
+        key = json.dumps(described, sort_keys=True, default=str)
+        if key == self._tools_key:
+            return
+        self._tools_key, self.tools = key, described
+        self.instruct(tools_system_text(described) if described else "No tools are available now; write no tool calls.")
+
+    def tool_result(self, result) -> None:
+        """The result of the last reply's tool call; the thinker reads it before the next reply."""
+        with self._pending_lock:
+            self.pending_ids = self.pending_ids + self.layout.tool_response(tool_response_text(result))
+        hook = getattr(self.thinker_stream, "tool_result", None)  # a scripted reasoner's answer may use it
+        if hook is not None:
+            hook(result)
+
+    @property
+    def paused_at_call(self) -> bool:
+        """The last reply ended at a tool call and waits for its result."""
+        return self._reply is not None and self._reply.steps.thinker.paused_at_call
 
     def set_voice(self, voice) -> None:
         """Speak the next reply, and those after it, in `voice` (an (audio_24k, transcript) pair or a
@@ -257,7 +299,21 @@ class ChromaSession:
         ids = torch.tensor(self.tokenizer.encode(self.voice.transcript), dtype=torch.long)
         return build_voice_prompt(self.model, ids, torch.from_numpy(self.voice.audio))
 
-    def _start_reply(self, user_audio: np.ndarray) -> None:
+    def _make_filter(self) -> TokenFilter:
+        if self.token_filter is not None:
+            return self.token_filter()
+        if not self.tools:
+            return TokenFilter()
+        return ToolCallFilter(self._text, on_call=self._call_found, special_ids=[self.model.config.im_end_token_id])
+
+    def _call_found(self, call: ToolCall) -> None:
+        # On the device thread, as soon as the call is parsed: the tool starts while the words before
+        # the call are still being spoken.
+        callback, loop = self.on_tool_call, self._loop
+        if callback is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback, call)
+
+    def _start_reply(self, user_audio: np.ndarray | None, say: str | None = None) -> None:
         # Runs after any step a cancelled reply still had in flight on this worker, so clearing
         # the flag here cannot let that reply go on.
         self._close_previous_reply()
@@ -265,19 +321,26 @@ class ChromaSession:
         with self._voice_lock:  # a switch asked for during the last reply starts here
             if self._next_voice is not None:
                 self.voice, self._next_voice = self._next_voice, None
-        features, feature_mask, audio_tokens = self.listener.hear(user_audio)
-        segment = self.pending_ids + self.layout.user_audio_turn(audio_tokens)
-        self.pending_ids = []
+        with self._pending_lock:
+            pending, self.pending_ids = self.pending_ids, []
+        if user_audio is not None:
+            features, feature_mask, audio_tokens = self.listener.hear(user_audio)
+            segment = pending + self.layout.user_audio_turn(audio_tokens)
+        else:
+            features = feature_mask = None
+            segment = pending + self.layout.assistant_start()
         ids = torch.tensor([segment], dtype=torch.long)
         hidden, token, next_pos = prefill_thinker(
             self.model, ids, self.thinker_cache, self.thinker_position, features, feature_mask
         )
         self.history_ids += segment
-        stream = self.thinker_stream(
-            self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, self.token_filter()
-        )
+        if say is not None:
+            factory, token_filter = forced_text_stream(self.tokenizer, say), TokenFilter()
+        else:
+            factory, token_filter = self.thinker_stream, self._make_filter()
+        stream = factory(self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, token_filter)
         steps = ResponseSteps(self.model, self._voice_prompt(), stream, self.max_frames, self.sampling)
-        self._reply = _Reply(steps, self.thinker_cache.get_seq_length(), next_pos)
+        self._reply = _Reply(steps, self.thinker_cache.get_seq_length(), next_pos, token_filter)
         self._heard_frames = None
         self.codec.reset()
 
@@ -308,9 +371,13 @@ class ChromaSession:
         if self._reply is None:
             return
         kept = self._kept_tokens()
+        # A tool call the reply made stays in the thinker's memory (never in what was said), so the
+        # result that follows it reads as the Qwen template has it.
+        calls = [t for ids in getattr(self._reply.token_filter, "call_tokens", []) for t in ids]
         truncate_cache(self.thinker_cache, self._reply.thinker_cache_length)
         self.thinker_position = self._reply.thinker_next_position
-        self.pending_ids = self.layout.close_assistant(kept) + self.pending_ids  # then instructions given meanwhile
+        with self._pending_lock:  # then what came meanwhile: tool results, instructions
+            self.pending_ids = self.layout.close_assistant(kept + calls) + self.pending_ids
         self.turns.append(self._text(kept))
         self._reply = None
 

@@ -84,6 +84,16 @@ class ChatLayout:
             self._sp("im_start"), *enc("assistant\n"),
         ]
 
+    def assistant_start(self) -> list[int]:
+        """The assistant header a reply with no new user audio continues from (after a tool's result,
+        a flow node's new task, or text the agent is told to say)."""
+        return [self._sp("im_start"), *self.tokenizer.encode("assistant\n")]
+
+    def tool_response(self, body: str) -> list[int]:
+        """A tool's result as the Qwen template gives it back: a user turn holding `<tool_response>`."""
+        return [self._sp("im_start"), *self.tokenizer.encode("user\n" + body), self._sp("im_end"),
+                *self.tokenizer.encode("\n")]
+
     def close_assistant(self, kept_ids: list[int]) -> list[int]:
         """The assistant's kept reply, closed as the chat template closes a turn."""
         return [*kept_ids, self._sp("im_end"), *self.tokenizer.encode("\n")]

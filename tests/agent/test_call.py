@@ -98,12 +98,12 @@ async def test_barge_in_stops_the_agent_within_one_output_chunk_and_keeps_what_w
     # pipecat interrupts whenever the caller starts speaking; the barge-in is the first one while
     # the agent's first reply is playing.
     first_audio = transport.agent_chunks[0][0]
-    cut_at = next(t for kind, t in transport.events if kind == "interruption" and t > first_audio)
+    cut_at = next(t for kind, t, *_ in transport.events if kind == "interruption" and t > first_audio)
     assert cut_at > interruption_start
     # After the interruption reached the output, at most the chunk being played goes out before the
     # agent's next reply (which starts only after the caller's new turn ends).
     next_reply = min(t for t, _, _ in transport.agent_chunks if t > cut_at + 0.5)
-    late = [t for kind, t in transport.events if kind == "agent_audio" and cut_at < t < next_reply]
+    late = [t for kind, t, *_ in transport.events if kind == "agent_audio" and cut_at < t < next_reply]
     assert len(late) <= 1, late
     first_reply = agent_segments(recording, 24000)[0]
     played = first_reply[1] - first_reply[0]

@@ -121,7 +121,7 @@ class SipCalls:
         call_id = dialog.call_id
         if call_id in self.runtime.calls:  # a Call-ID reused while its first call still runs
             call_id = f"{call_id}#{next(_suffixes)}"
-        transport = SipCallTransport(media.session, name=f"sip-{call_id}")
+        transport = SipCallTransport(media.session, name=f"sip-{call_id}", transfer=dialog.refer)
         try:
             media.call = self.runtime.new_call(
                 transport, kind="sip", call_id=call_id, in_rate=SIP_RATE, out_rate=SIP_RATE

@@ -10,6 +10,8 @@ most one packet is queued ahead of the wire, so playback runs in real time and a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import (
@@ -97,9 +99,17 @@ class SipOutputTransport(BaseOutputTransport):
 class SipCallTransport(BaseTransport):
     """Both directions of one SIP call's media, at 8 kHz."""
 
-    def __init__(self, session: RtpSession, *, name: str | None = None):
+    def __init__(
+        self,
+        session: RtpSession,
+        *,
+        name: str | None = None,
+        transfer: Callable[[str], Awaitable[bool]] | None = None,
+    ):
+        """`transfer`: the dialog's blind transfer (REFER), for a flow's transfer_call."""
         super().__init__(name=name)
         self.session = session
+        self._transfer = transfer
         self._params = TransportParams(
             audio_in_enabled=True,
             audio_in_sample_rate=SIP_RATE,
@@ -115,6 +125,13 @@ class SipCallTransport(BaseTransport):
 
     def input(self) -> SipInputTransport:
         return self._input
+
+    async def transfer(self, target: str) -> bool:
+        """Ask the caller's side to call `target` instead (REFER); True when it accepted."""
+        if self._transfer is None:
+            logger.warning(f"{self.name}: transfer to {target} asked for, but this call has no dialog to REFER")
+            return False
+        return await self._transfer(target)
 
     def output(self) -> SipOutputTransport:
         return self._output

@@ -75,7 +75,7 @@ def test_the_backbone_gets_the_thinkers_own_states_for_the_forced_tokens(tiny, v
     assert [s for s, _ in steps.entered] == list(range(0, 2 * len(expected_ids), 2))
 
 
-def test_a_scripted_call_goes_through_the_tool_call_filter_unspoken(tiny, voice, monkeypatch):
+def test_a_scripted_call_pauses_the_turn_unspoken_and_its_result_continues_it(tiny, voice, monkeypatch):
     calls = []
 
     def filter_factory():
@@ -83,21 +83,22 @@ def test_a_scripted_call_goes_through_the_tool_call_filter_unspoken(tiny, voice,
 
     reasoner = ScriptedReasoner(
         tiny.tokenizer,
-        [["One moment. ", Call("lookup_order", {"order_id": "A17"}), Say(lambda result: f"Result {result}.")]],
+        [["One moment. ", Call("lookup_order", {"order_id": "A17"}), Say(lambda result: f"Result {result}.")],
+         ["Next turn."]],
     )
     session = scripted_session(tiny, voice, monkeypatch, reasoner, max_frames=200, token_filter=filter_factory)
 
     async def run():
-        said = ""
-        async for item in session.respond(user_audio(0.5, 5)):
-            if hasattr(item, "audio"):
-                said = item.text
-            elif hasattr(session, "tool_result"):  # the session pauses at the call (phase 2 hook)
-                await session.tool_result(item.call_id, "ok")
-        return said
+        first = await reply_text(session, user_audio(0.5, 5))
+        paused = session.paused_at_call
+        session.tool_result("ok")
+        answer = await reply_text(session, None)  # no new audio: the same turn goes on
+        following = await reply_text(session, user_audio(0.5, 6))
+        return first, paused, answer, following
 
-    said = asyncio.run(run())
+    first, paused, answer, following = asyncio.run(run())
     assert [(c.name, c.arguments) for c in calls] == [("lookup_order", {"order_id": "A17"})]
-    assert "tool_call" not in said and "lookup_order" not in said
-    assert said.startswith("One moment.")
-    assert said.endswith(".") and "Result" in said
+    assert first == "One moment. " and paused
+    assert answer == "Result ok."
+    assert following == "Next turn."
+    assert reasoner.results == ["ok"]

@@ -80,7 +80,7 @@ async def test_a_turn_past_its_cap_is_cut_and_reported_once(tiny, voice):
     heard = []
     original = service.session.respond
 
-    def respond(audio):
+    def respond(audio, say=None):
         heard.append(audio.size)
         return original(audio)
 

@@ -1,0 +1,279 @@
+"""A scenario's expectations and latency limits, checked over the events one or more runs recorded.
+
+Pure functions of the scenario and the events: nothing here talks to an agent or a transport, so a
+recorded run can be checked again offline. Turn numbers in check names count from 1 (as people
+count); `Check.turn` is the 0-based index the events use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .events import Check, Event, RunResult, first_audio_after, stopped_after, turn_anchor
+from .scenario import Expectation, Scenario, Turn
+
+
+def evaluate(scenario: Scenario, result: RunResult) -> list[Check]:
+    """Every expectation of `scenario` (turn by turn, then the conversation's) over `result.events`,
+    then one check that the run recorded no `error` event."""
+    events = sorted(result.events, key=lambda e: e.t_ms)
+    checks = []
+    for index, turn in enumerate(scenario.turns):
+        for expectation in turn.expect:
+            checks.append(_turn_check(events, index, turn, expectation))
+    for expectation in scenario.expect:
+        checks.append(_conversation_check(events, expectation))
+    errors = [e for e in events if e.kind == "error"]
+    checks.append(
+        Check(
+            "no errors during the call",
+            not errors,
+            "; ".join(f"{_ms(e.t_ms)}: {e.data.get('message', '')}" for e in errors) or "none",
+        )
+    )
+    return checks
+
+
+def evaluate_limits(scenario: Scenario, results: list[RunResult]) -> list[Check]:
+    """The scenario's `limits` over the measurements of all its runs (results of other scenarios are
+    passed over). Percentiles are nearest-rank: the smallest measured value with at least p% of the
+    values at or below it, so the number reported was actually observed."""
+    mine = [r for r in results if r.scenario == scenario.name]
+    checks = []
+    for key, percentiles in scenario.limits.items():
+        values = [v for r in mine for v in r.measurements().get(key, [])]
+        for pct, limit in percentiles.items():
+            name = f"{scenario.name}: {key} {pct} <= {limit:g} ms"
+            line = scenario.limit_lines.get(f"{key}.{pct}")
+            if not values:
+                what = (
+                    "barge-ins that stopped the agent"
+                    if key == "barge_in_stop_ms"
+                    else "turns with agent audio"
+                )
+                checks.append(
+                    Check(name, False, f"no measurements: {len(mine)} runs had no {what}", line=line)
+                )
+                continue
+            value = percentile(values, float(pct.removeprefix("p")))
+            detail = (
+                f"{pct} {_ms(value)} over {len(values)} measurements in {len(mine)} runs; limit {limit:g} ms"
+            )
+            checks.append(Check(name, value <= limit, detail, value_ms=value, line=line))
+    return checks
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (0 < p <= 100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# turns
+
+
+def _turn_check(events: list[Event], index: int, turn: Turn, exp: Expectation) -> Check:
+    label = f"turn {index + 1}: {_describe(exp)}"
+    if exp.event == "bot_started_speaking":
+        passed, detail, value = _first_audio(events, index)
+    elif exp.event == "bot_stopped_speaking":
+        passed, detail, value = _barge_in_stop(events, index)
+    elif exp.event == "kept_text_prefix":
+        passed, detail, value = _kept_text(events, index)
+    else:
+        mine = [e for e in events if e.turn == index]
+        passed, detail, value = _happened(mine, exp, turn_anchor(events, index), "in this turn")
+    if passed and exp.within_ms is not None and value is not None and value > exp.within_ms:
+        passed, detail = False, f"{detail}; limit {exp.within_ms:g} ms"
+    return Check(label, passed, detail, turn=index, value_ms=value, line=exp.line)
+
+
+def _first_audio(events: list[Event], index: int) -> tuple[bool, str, float | None]:
+    anchor = turn_anchor(events, index)
+    if anchor is None:
+        return (
+            False,
+            f"the caller's input never ended: no caller_speech_end or caller_dtmf with turn={index}",
+            None,
+        )
+    audio = first_audio_after(events, index, anchor)
+    if audio is None:
+        return False, f"no agent audio after the caller's input ended at {_ms(anchor)}{_ending(events)}", None
+    value = audio.t_ms - anchor
+    return True, f"first audio after {_ms(value)}", value
+
+
+def _barge_in_stop(events: list[Event], index: int) -> tuple[bool, str, float | None]:
+    barge_in = next((e for e in events if e.kind == "barge_in" and e.turn == index), None)
+    if barge_in is None:
+        return False, "no barge-in: the agent was not speaking when the caller spoke", None
+    stopped = stopped_after(events, barge_in.t_ms)
+    if stopped is None:
+        ends = [e.t_ms for e in events if e.kind == "agent_audio_end" and e.t_ms >= barge_in.t_ms]
+        ran_to = (
+            f"agent audio ran on to {_ms(min(ends))}"
+            if ends
+            else "no agent_stopped and no end of agent audio"
+        )
+        return False, f"the agent never stopped: {ran_to} (barge-in at {_ms(barge_in.t_ms)})", None
+    value = stopped.t_ms - barge_in.t_ms
+    return True, f"agent audio stopped {_ms(value)} after the barge-in", value
+
+
+def _kept_text(events: list[Event], index: int) -> tuple[bool, str, None]:
+    barge_in = next((e for e in events if e.kind == "barge_in" and e.turn == index), None)
+    texts = [e for e in events if e.kind == "agent_text" and e.data.get("interrupted")]
+    # The reply was interrupted during this turn; a runner may tag it with the turn it answered.
+    text = next((e for e in texts if e.turn == index), None)
+    if text is None and barge_in is not None:
+        text = next((e for e in texts if e.t_ms >= barge_in.t_ms), None)
+    if text is None:
+        return False, "no interrupted agent_text in this turn", None
+    kept, sent = _words(text.data.get("text", "")), _words(text.data.get("sent_text", ""))
+    if not sent.startswith(kept):
+        return False, f"kept {_quote(kept)} is not a prefix of what was being said, {_quote(sent)}", None
+    if len(kept) >= len(sent) and not text.data.get("finished"):
+        return False, f"kept the whole reply {_quote(sent)} although it was cut off", None
+    return True, f"kept {_quote(kept)} of {_quote(sent)}", None
+
+
+# whole conversation and events within a turn
+
+
+def _conversation_check(events: list[Event], exp: Expectation) -> Check:
+    passed, detail, value = _happened(events, exp, 0.0, "in the call")
+    if passed and exp.within_ms is not None and value is not None and value > exp.within_ms:
+        passed, detail = False, f"{detail}; limit {exp.within_ms:g} ms"
+    return Check(_describe(exp), passed, detail, value_ms=value, line=exp.line)
+
+
+def _happened(
+    events: list[Event], exp: Expectation, since: float | None, where: str
+) -> tuple[bool, str, float | None]:
+    """Whether the event `exp` names is among `events`; the value is its time after `since`."""
+    p = exp.params
+
+    def after(event: Event) -> float | None:
+        return event.t_ms - since if since is not None else None
+
+    if exp.event in ("node_reached", "not_node_reached"):
+        nodes = [e for e in events if e.kind == "node"]
+        hit = next((e for e in nodes if e.data.get("name") == p["node"]), None)
+        if exp.event == "not_node_reached":
+            if hit is None:
+                return True, f"never entered; nodes {where}: {_names(nodes)}", None
+            return False, f"node {p['node']} entered at {_ms(hit.t_ms)}{_turn_of(hit)}", None
+        if hit is None:
+            return False, f"node {p['node']} never entered; nodes {where}: {_names(nodes)}", None
+        return True, f"entered at {_ms(hit.t_ms)}{_turn_of(hit)}", after(hit)
+    if exp.event == "function_call":
+        calls = [e for e in events if e.kind == "tool_call"]
+        wanted = p.get("arguments") or {}
+        hit = next(
+            (
+                e
+                for e in calls
+                if e.data.get("name") == p["name"] and _subset(wanted, e.data.get("arguments") or {})
+            ),
+            None,
+        )
+        if hit is None:
+            what = f"{p['name']} with arguments {wanted}" if wanted else p["name"]
+            seen = ", ".join(_call(e) for e in calls) or "none"
+            return False, f"no tool_call {what}; calls {where}: [{seen}]", None
+        return True, f"{_call(hit)} at {_ms(hit.t_ms)}", after(hit)
+    if exp.event == "dtmf_sent":
+        sent = [e for e in events if e.kind == "dtmf_sent"]
+        digits = "".join(str(e.data.get("digits", "")) for e in sent)
+        wanted = p.get("digits")
+        if not sent or (wanted and wanted not in digits):
+            said = f"the agent sent {digits!r}" if sent else "the agent sent no DTMF"
+            return False, f"{said} {where}" + (f"; expected {wanted!r}" if wanted else ""), None
+        # the event that completed the wanted digits, one event per digit or all at once
+        end, done = sent[-1], ""
+        for e in sent:
+            done += str(e.data.get("digits", ""))
+            if not wanted or wanted in done:
+                end = e
+                break
+        return True, f"sent {digits!r}, done at {_ms(end.t_ms)}", after(end)
+    if exp.event == "call_ended":
+        ended = next((e for e in events if e.kind == "call_ended"), None)
+        if ended is None:
+            last = f"; the last event was {events[-1].kind} at {_ms(events[-1].t_ms)}" if events else ""
+            return False, f"the call did not end{last}", None
+        by = ended.data.get("by", "?")
+        if p.get("by") and by != p["by"]:
+            return (
+                False,
+                f"the call was ended by the {by} at {_ms(ended.t_ms)}; expected by the {p['by']}",
+                None,
+            )
+        return True, f"ended by the {by} at {_ms(ended.t_ms)}", after(ended)
+    if exp.event == "call_transferred":
+        transfers = [e for e in events if e.kind == "transferred"]
+        hit = next((e for e in transfers if not p.get("to") or e.data.get("to") == p["to"]), None)
+        if hit is None:
+            if transfers:
+                seen = ", ".join(str(e.data.get("to")) for e in transfers)
+                return False, f"transferred to {seen}; expected {p['to']}", None
+            return False, "the call was not transferred" + _ending(events), None
+        return True, f"transferred to {hit.data.get('to')} at {_ms(hit.t_ms)}", after(hit)
+    raise ValueError(f"unknown expectation event {exp.event!r}")
+
+
+def _describe(exp: Expectation) -> str:
+    p = exp.params
+    if exp.event in ("node_reached", "not_node_reached"):
+        text = f"{exp.event} {p['node']}"
+    elif exp.event == "function_call":
+        text = f"function_call {p['name']}" + (f" {p['arguments']}" if p.get("arguments") else "")
+    elif exp.event == "dtmf_sent":
+        text = "dtmf_sent" + (f" {p['digits']!r}" if p.get("digits") else "")
+    elif exp.event == "call_ended":
+        text = "call_ended" + (f" by {p['by']}" if p.get("by") else "")
+    elif exp.event == "call_transferred":
+        text = "call_transferred" + (f" to {p['to']}" if p.get("to") else "")
+    else:
+        text = exp.event
+    return text + (f" within {exp.within_ms:g} ms" if exp.within_ms is not None else "")
+
+
+def _subset(wanted: Any, given: Any) -> bool:
+    """`wanted` is contained in `given`: mappings key by key (recursively), anything else equal."""
+    if isinstance(wanted, dict):
+        return isinstance(given, dict) and all(k in given and _subset(v, given[k]) for k, v in wanted.items())
+    return wanted == given
+
+
+def _ending(events: list[Event]) -> str:
+    ended = next((e for e in events if e.kind == "call_ended"), None)
+    if ended is not None:
+        return f"; the call ended at {_ms(ended.t_ms)}"
+    return f"; the recording ends at {_ms(events[-1].t_ms)}" if events else "; nothing was recorded"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f} ms"
+
+
+def _words(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _names(nodes: list[Event]) -> str:
+    return "[" + ", ".join(str(e.data.get("name")) for e in nodes) + "]"
+
+
+def _call(event: Event) -> str:
+    return f"{event.data.get('name')}({event.data.get('arguments') or {}})"
+
+
+def _turn_of(event: Event) -> str:
+    return f" (turn {event.turn + 1})" if event.turn is not None else ""
