@@ -7,7 +7,6 @@ the goodbye. The engine service carries it out (processors/chroma/service.py).
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,26 +17,10 @@ from pipecat.frames.frames import OutputDTMFUrgentFrame
 
 from processors.chroma.service import CallActionFrame
 
+from .wavfile import read_wav_native
+
 if TYPE_CHECKING:
     from .runtime import Call
-
-
-def read_wav(path: Path) -> tuple[bytes, int]:
-    """A PCM WAV as 16-bit mono bytes and its rate (channels mixed down)."""
-    with wave.open(str(path), "rb") as w:
-        rate, channels, width, frames = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
-        raw = w.readframes(frames)
-    if width == 1:
-        samples = (np.frombuffer(raw, np.uint8).astype(np.int16) - 128) << 8
-    elif width == 2:
-        samples = np.frombuffer(raw, np.int16)
-    elif width == 4:
-        samples = (np.frombuffer(raw, np.int32) >> 16).astype(np.int16)
-    else:
-        raise ValueError(f"{path}: {8 * width}-bit samples; expected 8, 16 or 32-bit PCM")
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
-    return samples.tobytes(), rate
 
 
 class PipelineCallControl:
@@ -57,6 +40,7 @@ class PipelineCallControl:
 
     async def _end(self) -> None:
         self.call.ended_by_agent = True
+        self.call.note("agent_hung_up")
         await self.call.service.end_call()
 
     async def transfer(self, target: str) -> None:
@@ -67,6 +51,7 @@ class PipelineCallControl:
                 return
             if await transfer(target):
                 self.call.transferred_to = target
+                self.call.note("transferred", to=target)
                 logger.info(f"call {self.call.stats.call_id}: transferred to {target}")
                 await self._end()
             else:
@@ -79,11 +64,13 @@ class PipelineCallControl:
             for digit in digits:
                 await self.call.service.push_frame(OutputDTMFUrgentFrame(button=KeypadEntry(digit.upper())))
             self.call.dtmf_sent.append(digits)
+            self.call.note("dtmf_sent", digits=digits)
 
         await self._queue(CallActionFrame(when_quiet=send))
 
     async def play(self, wav_path: Path) -> None:
-        pcm, rate = read_wav(wav_path)
+        audio, rate = read_wav_native(wav_path)
+        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
         await self._queue(CallActionFrame(audio=pcm, rate=rate))
 
     async def say(self, text: str) -> None:

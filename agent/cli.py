@@ -284,6 +284,12 @@ def _add_voice(subparsers) -> None:
     declare(subparsers, UsageError)
 
 
+def _add_test(subparsers) -> None:
+    from agent.testing.command import declare
+
+    declare(subparsers, UsageError)
+
+
 # -- shared helpers --------------------------------------------------------------
 
 
@@ -321,7 +327,7 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice]
+SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test]
 
 
 def build_parser() -> argparse.ArgumentParser:

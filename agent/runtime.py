@@ -184,7 +184,13 @@ class Call:
         self.dtmf_sent: list[str] = []
         self.transferred_to: str | None = None
         self.ended_by_agent = False
+        # (time.monotonic(), kind, data) of what the agent side saw and did: the conversation tests'
+        # agent-side events. Kinds: user_speaking, tool_call, tool_result, node, agent_text, dtmf_sent,
+        # transferred, agent_hung_up.
+        self.timeline: list[tuple[float, str, dict]] = []
         self.flow = CallFlow(spec.flow_file, PipelineCallControl(self)) if spec.flow_file is not None else None
+        if self.flow is not None:
+            self.flow.on_node = lambda name: self.note("node", name=name)
         vad = make_vad_analyzer(
             spec.vad.analyzer,
             aggressiveness=spec.vad.aggressiveness,
@@ -269,6 +275,8 @@ class Call:
         @service.event_handler("on_turn_finished")
         async def _finished(_service, text, interrupted):
             stats.texts.append(text)
+            if not interrupted:  # a cut reply is noted once the caller's side says what it heard
+                self.note("agent_text", text=text, interrupted=False, sent_text=service.sent_text)
             await self.tell_client({"event": "text", "turn": stats.turns, "text": text, "interrupted": interrupted})
 
         @service.event_handler("on_input_dropped")
@@ -278,13 +286,27 @@ class Call:
         @service.event_handler("on_tool_call")
         async def _tool_call(_service, call):
             self.tool_calls.append((call.name, dict(call.arguments)))
+            self.note("tool_call", name=call.name, arguments=dict(call.arguments))
+
+        @service.event_handler("on_tool_result")
+        async def _tool_result(_service, call_id, result):
+            self.note("tool_result", call_id=call_id)
+
+        @service.event_handler("on_user_speaking")
+        async def _user_speaking(_service, speaking):
+            self.note("user_speaking", speaking=speaking)
 
         @service.event_handler("on_barge_in")
         async def _barge_in(_service, heard_frames, sent_frames):
             stats.barge_ins += 1
             stats.cut_replies.append((heard_frames, sent_frames))
+            kept = service.session.kept_text
+            self.note("agent_text", text=kept, interrupted=True, sent_text=service.sent_text)
             metrics.barge_in()
             await self.tell_client({"event": "barge_in", "count": stats.barge_ins, "heard_frames": heard_frames})
+
+    def note(self, kind: str, **data) -> None:
+        self.timeline.append((time.monotonic(), kind, data))
 
     async def set_voice(self, ref: str) -> None:
         """Speak from the next reply on in another voice (a flow node's hand-off); memory carries over."""

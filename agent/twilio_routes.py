@@ -90,7 +90,7 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             return Response(
                 f"form field CallSid is {call_sid[:40]!r}; expected a Twilio call SID", status_code=400
             )
-        twiml = connect_twiml(stream_url, agent=agent, token=token, call_sid=call_sid)
+        twiml = connect_twiml(stream_url, agent=agent, token=token, call_sid=call_sid, caller=form.get("From", ""))
         return Response(twiml, media_type=TWIML)
 
     @router.websocket("/twilio/media")
@@ -139,6 +139,8 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
         call = runtime.new_call(
             transport, kind="twilio", call_id=start.call_sid, in_rate=SAMPLE_RATE, out_rate=SAMPLE_RATE
         )
+
+        call.flow_state["caller_number"] = params.get("caller", "")[:64]
 
         @transport.event_handler("on_client_disconnected")
         async def _caller_left(_transport, _ws):

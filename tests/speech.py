@@ -1,41 +1,23 @@
 """Real speech for tests: espeak-ng synthesis at a given rate, with its true start and end."""
 
-import hashlib
 import shutil
-import subprocess
-import tempfile
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soxr
+
+from agent.testing import speech
 
 ESPEAK = shutil.which("espeak-ng")
 requires_espeak = pytest.mark.skipif(
     ESPEAK is None, reason="espeak-ng is not installed (apt-get install espeak-ng)"
 )
 
-_CACHE_DIR = Path(tempfile.gettempdir()) / "chroma-agents-test-speech"
-
 
 def synthesize(text: str, rate: int) -> np.ndarray:
     """``text`` spoken by espeak-ng as 16-bit mono samples at ``rate``, cached per (text, rate)."""
     if ESPEAK is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    key = hashlib.sha1(f"{rate}:{text}".encode()).hexdigest()[:16]
-    cached = _CACHE_DIR / f"{key}.npy"
-    if cached.exists():
-        return np.load(cached)
-    _CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    wav_path = _CACHE_DIR / f"{key}.wav"
-    subprocess.run([ESPEAK, "-w", str(wav_path), text], check=True, capture_output=True)
-    with wave.open(str(wav_path), "rb") as wav:
-        native_rate = wav.getframerate()
-        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    samples = soxr.resample(samples, native_rate, rate, quality="HQ")
-    np.save(cached, samples)
-    return samples
+    return speech.synthesize(text, rate)
 
 
 def speech_bounds(samples: np.ndarray, rate: int, *, floor_db: float = -40.0) -> tuple[float, float]:

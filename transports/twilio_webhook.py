@@ -141,6 +141,7 @@ def connect_twiml(
     agent: str,
     token: str,
     call_sid: str,
+    caller: str = "",
     action: str | None = None,
     status_callback: str | None = None,
 ) -> str:
@@ -150,6 +151,7 @@ def connect_twiml(
     goes in ``<Parameter>`` children (they arrive in ``start.customParameters``). ``call_sid`` is the
     call the token was issued for; it is not sent, since Twilio reports it in ``start.callSid``.
     ``action`` is fetched when the stream ends (e.g. to return a ``<Dial>``); without it the call ends.
+    ``caller``: the caller's number (the webhook's ``From``), handed to the call's flow.
     """
     parts = urlsplit(stream_url)
     if parts.scheme != "wss" or not parts.netloc:
@@ -163,6 +165,8 @@ def connect_twiml(
     stream = connect.stream(url=stream_url, status_callback=status_callback)
     stream.parameter(name="agent", value=agent)
     stream.parameter(name="token", value=token)
+    if caller:
+        stream.parameter(name="caller", value=caller)
     response = VoiceResponse()
     response.append(connect)
     return str(response)

@@ -26,7 +26,7 @@ EVENT_KINDS = {
     "node",  # data: {"name": str}: flow node entered
     "dtmf_sent",  # data: {"digits": str}: the agent sent DTMF
     # data: {"text": str, "interrupted": bool, "sent_text": str}: after a barge-in, "text" is what was kept
-    # and "sent_text" what was being said; optional "finished": True when the whole reply had been said
+    # and "sent_text" what the agent had generated of that reply when it was cut
     "agent_text",
     "call_ended",  # data: {"by": "agent" | "caller"}
     "transferred",  # data: {"to": str}

@@ -8,7 +8,7 @@ The server is `chroma-agent serve`'s app (agent/server.py: the Twilio routes and
 subprocess, with the Chroma engine replaced by the pipeline benchmark's stand-in (each reply is the same
 2 s tone at once), so the figures are the framework's own cost: transports, VAD, turn-taking, pacing.
 
-- Twilio: N stand-in callers (tests/transports/twilio_caller.py: signed upgrade, 20 ms mu-law frames
+- Twilio: N stand-in callers (agent/testing/twilio_caller.py: signed upgrade, 20 ms mu-law frames
   at real time, the server's media played on a 20 ms clock, marks echoed after playback, `clear`
   honoured) ask, listen to the whole reply, ask again and cut in 0.6 s into the reply.
 - SIP: N - 2 SIPp calls (PCMU speech looped over RTP, held for the run) and 2 probe calls

@@ -1,4 +1,4 @@
-"""Twilio part: N concurrent stand-in Twilio calls (tests/transports/twilio_caller.py), each placed as
+"""Twilio part: N concurrent stand-in Twilio calls (agent/testing/twilio_caller.py), each placed as
 Twilio places one (signed voice webhook, then the signed media stream with the webhook's token), each
 asking, cutting in on the reply, and hearing the answer to the cut-in out; repeated for the whole run."""
 
@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from tests.transports.twilio_caller import TICK, TwilioCaller, fetch_voice_twiml, sid
+from agent.testing.twilio_caller import TICK, TwilioCaller, fetch_voice_twiml, sid
 
 from ..pipeline.common import BARGE_SENTENCES, PHONE_RATE, log, loud_span
 from .common import PhoneServer, cpu_seconds

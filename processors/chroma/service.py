@@ -83,7 +83,9 @@ class ChromaS2SService(LLMService):
 
     Events: on_turn_started(service, turn), on_first_audio(service, ttfa_seconds),
     on_turn_finished(service, text, interrupted), on_barge_in(service, heard_frames, sent_frames),
-    on_input_dropped(service, reason), on_tool_call(service, call), on_tool_result(service, call_id, result).
+    on_input_dropped(service, reason), on_tool_call(service, call), on_tool_result(service, call_id, result),
+    on_user_speaking(service, speaking): the caller's turn opened (True) or closed (False).
+    `sent_text` is the text of the current (or last) reply generated so far.
     """
 
     def __init__(
@@ -134,8 +136,9 @@ class ChromaS2SService(LLMService):
         self._calls: dict[str, object] = {}  # tool calls made and not yet answered, by id
         self._pending_actions: set[asyncio.Task] = set()
         session.on_tool_call = self._tool_call
+        self.sent_text = ""
         for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped",
-                     "on_tool_call", "on_tool_result"):
+                     "on_tool_call", "on_tool_result", "on_user_speaking"):
             self._register_event_handler(name)
 
     def can_generate_metrics(self) -> bool:
@@ -173,8 +176,10 @@ class ChromaS2SService(LLMService):
         if isinstance(frame, UserStartedSpeakingFrame):
             self._turn = bytearray(b"".join(self._preroll))
             self._turn_overflow = False
+            await self._call_event_handler("on_user_speaking", True)
         elif isinstance(frame, UserStoppedSpeakingFrame):
             await self._end_of_user_turn()
+            await self._call_event_handler("on_user_speaking", False)
         elif isinstance(frame, InterruptionFrame):
             await self.push_frame(frame, direction)
             await self._barge_in()
@@ -224,7 +229,8 @@ class ChromaS2SService(LLMService):
 
     async def _update_settings(self, delta: LLMSettings):
         changed = await super()._update_settings(delta)
-        role = self._settings.system_instruction
+        # The role itself, not pipecat's composition (which adds guidance for text LLMs' async tools).
+        role = self._base_system_instruction
         if "system_instruction" in changed and isinstance(role, str) and role.strip():
             # a flow node's role message: the thinker reads it before the next reply
             if role.strip() != self.session.system_prompt.strip():
@@ -281,7 +287,7 @@ class ChromaS2SService(LLMService):
         await self.start_ttfb_metrics(start_time=turn_end)
         await self.start_processing_metrics(start_time=turn_end)
         await self.push_frame(LLMFullResponseStartFrame())
-        said = ""
+        said = self.sent_text = ""
         started = False
         out = StreamResampler(SAMPLE_RATE, self.out_rate) if self.out_rate != SAMPLE_RATE else None
         try:
@@ -300,7 +306,7 @@ class ChromaS2SService(LLMService):
                 self._frames_pushed = chunk.frames[1]
                 if len(chunk.text) > len(said) and chunk.text.startswith(said):
                     await self._push_text(chunk.text[len(said) :])
-                    said = chunk.text
+                    said = self.sent_text = chunk.text
         except Exception as exc:  # a failed turn ends that turn, never the call
             logger.exception(f"{self}: turn {self._turn_count} failed: {exc}")
             await self.push_error(f"Chroma turn failed: {exc}", exception=exc)

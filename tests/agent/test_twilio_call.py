@@ -1,5 +1,5 @@
 """Twilio phone calls end to end: the server on 127.0.0.1 (uvicorn), a Twilio stand-in on the other end
-of the Media Stream (tests/transports/twilio_caller.py), the tiny model, and a local stand-in for
+of the Media Stream (agent/testing/twilio_caller.py), the tiny model, and a local stand-in for
 Twilio's REST API."""
 
 import asyncio
@@ -24,8 +24,8 @@ from agent.spec import load_agent
 from agent.twilio_routes import TwilioConfigError, twilio_router
 from tests.agent.test_call import agent_file as call_agent_file
 from tests.speech import requires_espeak, synthesize
-from tests.transports.twilio_caller import TwilioCaller, fetch_voice_twiml, sid
-from tests.transports.twilio_cloud import LocalTwilioCloud
+from agent.testing.twilio_caller import TwilioCaller, fetch_voice_twiml, sid
+from agent.testing.twilio_cloud import LocalTwilioCloud
 
 TOKEN = "f" * 32
 ACCOUNT = "AC" + "a" * 32
@@ -269,7 +269,7 @@ async def test_barge_in_clears_twilio_and_cuts_the_reply_to_what_the_caller_hear
     assert played - 0.45 <= heard_frames * FRAME_SECS <= played + 0.02
 
 
-async def test_dtmf_reaches_the_pipeline_as_input_dtmf_frames(tmp_path, tiny_model):
+async def test_dtmf_reaches_the_pipeline_and_the_callers_number_reaches_the_flow_state(tmp_path, tiny_model):
     runtime = runtime_for(tmp_path, tiny_model)
     async with serving(create_app(runtime, public_url=PUBLIC)) as host:
         caller = await dial(host)
@@ -284,6 +284,7 @@ async def test_dtmf_reaches_the_pipeline_as_input_dtmf_frames(tmp_path, tiny_mod
 
         await running
     assert seen == ["5", "#"]
+    assert call.flow_state["caller_number"] == "+15550001111"  # the webhook's From, for the flow
 
 
 async def test_agent_hang_up_hangs_up_the_call_over_rest(tmp_path, tiny_model, rest):

@@ -6,7 +6,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.transports.twilio_cloud import LocalTwilioCloud
+from agent.testing.twilio_cloud import LocalTwilioCloud
 from transports.twilio_webhook import (
     StreamTokens,
     connect_twiml,

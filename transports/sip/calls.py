@@ -33,6 +33,7 @@ from .rtp import NoFreePort, PortPool, RtpSession
 from .sdp import Answer, negotiate
 from .server import SipServer
 from .transport import SIP_RATE, SipCallTransport
+from .values import SipParseError, SipUri
 
 RTP_TIMEOUT_SECS = 30.0  # no RTP this long on an active, un-held call: the peer is gone
 WATCH_INTERVAL_SECS = 1.0
@@ -130,6 +131,7 @@ class SipCalls:
             logger.exception(f"call {dialog.call_id}: could not build the agent's pipeline")
             self._spawn(dialog.hang_up())
             return
+        media.call.flow_state["caller_number"] = _caller_number(dialog)
         media.session.start()
         media.task = self._spawn(self._run(dialog, media))
         media.watchdog = self._spawn(self._watch(dialog, media))
@@ -226,3 +228,12 @@ def sip_server(runtime: AgentRuntime, spec: SIPTransportSpec | None = None, **se
         max_calls=spec.max_calls,
         **server_options,
     )
+
+
+def _caller_number(dialog: Dialog) -> str:
+    """The caller's number for the flow: the user part of the INVITE's From (sip:+15551230042@host),
+    or "" for a tel: URI or none at all."""
+    try:
+        return SipUri.parse(str(dialog.invite.from_.uri)).user or ""
+    except SipParseError:
+        return ""

@@ -98,7 +98,7 @@ class _Endpoint(asyncio.DatagramProtocol):
 
 class RtpSession:
     """Counters: packets_in, packets_out, bad (unparsable or wrong PT), foreign (unexpected source),
-    late and lost (from the jitter buffer), dtmf_in, dtmf_out."""
+    late and lost (from the jitter buffer), caught_up, dtmf_in, dtmf_out."""
 
     def __init__(
         self,
@@ -120,6 +120,7 @@ class RtpSession:
         self.remote: Address | None = None
         self.latched = False
         self.packets_in = self.packets_out = self.bad = self.foreign = 0
+        self.caught_up = 0  # packets handed on early to drain a backlog after the loop stalled
         self.dtmf_in = self.dtmf_out = 0
         self.last_received = time.monotonic()
         self._rtp: asyncio.DatagramTransport | None = None
@@ -229,7 +230,7 @@ class RtpSession:
             self._dtmf_done.set_result(False)
 
     def stats(self) -> dict[str, int]:
-        names = ("packets_in", "packets_out", "bad", "foreign", "dtmf_in", "dtmf_out")
+        names = ("packets_in", "packets_out", "bad", "foreign", "caught_up", "dtmf_in", "dtmf_out")
         return {name: getattr(self, name) for name in names} | {
             "late": self.jitter.late,
             "lost": self.jitter.lost,
@@ -440,6 +441,18 @@ class RtpSession:
             # Loss or a pause: the jitter buffer's concealment is silence.
             pcm = bytes(self._received).ljust(FRAME_BYTES, b"\0")
             self._received.clear()
+        await self._deliver(pcm)
+        # After a stall of this loop the peer's packets pile up past the buffer's depth, and played one
+        # per tick they would delay everything the caller says from then on (barge-in included) by
+        # the stall's length. Hand the backlog on now: the pipeline takes audio faster than real time.
+        while self._receiving and self.jitter.buffered > self.jitter.start_depth:
+            payload = self.jitter.pop()
+            if payload is None:
+                break
+            self.caught_up += 1
+            await self._deliver(np.asarray(self._decode(payload), dtype=np.int16).tobytes())
+
+    async def _deliver(self, pcm: bytes) -> None:
         try:
             await self.on_audio(pcm)
         except Exception:

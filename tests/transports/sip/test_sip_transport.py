@@ -3,6 +3,7 @@ barge-in silencing our RTP within one packet, native DTMF out, a whole call on t
 SipCalls, the glue from SIP dialogs to calls (ports, offers and re-offers, hang-ups, silence timeout)."""
 
 import asyncio
+from types import SimpleNamespace
 import random
 import time
 
@@ -172,10 +173,16 @@ async def test_an_agent_call_over_rtp_answers_the_caller_with_audio(tmp_path, ti
 class FakeDialog:
     """What SipCalls uses of a Dialog; hang_up() ends the dialog the way the real server does."""
 
-    def __init__(self, handler, call_id="fake-1"):
+    def __init__(self, handler, call_id="fake-1", caller="sip:+15550001111@192.0.2.7"):
         self.handler, self.call_id = handler, call_id
         self.confirmed = self.ended = False
         self.hung_up = 0
+        self.invite = SimpleNamespace(from_=SimpleNamespace(uri=caller))
+        self.referred = []
+
+    async def refer(self, target):
+        self.referred.append(target)
+        return True
 
     async def hang_up(self):
         self.hung_up += 1
@@ -189,6 +196,7 @@ class FakeCall:
     def __init__(self, lasts=None):
         self.lasts, self.cancelled = lasts, None
         self._stop = asyncio.Event()
+        self.flow_state = {}
 
     async def run(self):
         try:
@@ -203,11 +211,12 @@ class FakeCall:
 
 class FakeRuntime:
     def __init__(self, lasts=None):
-        self.calls, self.lasts, self.made = {}, lasts, []
+        self.calls, self.lasts, self.made, self.transports = {}, lasts, [], []
 
     def new_call(self, transport, *, kind, call_id, in_rate, out_rate):
         assert (kind, in_rate, out_rate) == ("sip", 8000, 8000) and isinstance(transport, SipCallTransport)
         self.made.append(FakeCall(self.lasts))
+        self.transports.append(transport)
         return self.made[-1]
 
 
@@ -269,6 +278,22 @@ async def test_the_agent_ending_the_call_sends_bye_and_frees_the_ports():
     assert dialog.hung_up == 1 and calls.media == {} and calls.pool.in_use == set()
     assert calls.finished[-1][:2] == ("fake-1", "hangup")
     assert runtime.made[0].cancelled is None  # it had ended by itself
+    assert runtime.made[0].flow_state["caller_number"] == "+15550001111"  # the From's user, for the flow
+
+
+async def test_a_transfer_asked_of_the_call_is_a_refer_on_its_dialog():
+    far = await peer()
+    runtime = FakeRuntime()
+    calls = sip_calls(runtime)
+    dialog = FakeDialog(calls, caller="tel:+15550001111")
+    await calls.offer(dialog, offer(far.port).encode())
+    await calls.start(dialog)
+    transport = runtime.transports[0]
+    assert await transport.transfer("sip:desk@pbx.example.com") is True
+    assert dialog.referred == ["sip:desk@pbx.example.com"]
+    assert runtime.made[0].flow_state["caller_number"] == ""  # a tel: From has no SIP user part
+    await calls.end(dialog, "bye")
+    await calls.close()
 
 
 async def test_bye_cancels_the_running_call():

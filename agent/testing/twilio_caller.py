@@ -1,8 +1,11 @@
-"""A stand-in for Twilio's side of `<Connect><Stream>`, for tests and benchmarks.
+"""A stand-in for Twilio's side of `<Connect><Stream>`, for conversation tests, tests and benchmarks.
 
     caller = TwilioCaller("ws://127.0.0.1:8080/twilio/media", auth_token, sign_url="wss://agent.example.com/twilio/media",
                           parameters={"agent": ..., "token": ...})
     timeline = await caller.run(audio=speech_8k, seconds=8.0, dtmf=[(1.0, "5")])
+
+Or live, deciding as the call goes: start `run(seconds=...)` as a task, then `say(pcm)`, `press(digit)`
+and `hang_up()` while it runs; `timeline.playing` grows by one entry per 20 ms tick.
 
 Like Twilio (shared docs, telephony facts 2.2-2.5 and 2.9): the upgrade is signed over the stream URL as
 written in the TwiML; `connected` and `start` come first; caller audio goes out as real-time 20 ms mu-law
@@ -111,6 +114,30 @@ class TwilioCaller:
         self.headers = {"X-Twilio-Signature": signature} if signature else {}
         self.timeline = Timeline()
         self._seq = 0
+        self.t0: float | None = None  # time.monotonic() when the stream began: the call clock's zero
+        self._live = bytearray()  # mu-law caller audio said live, not yet sent
+        self._live_dtmf: list[str] = []
+        self._hang_up = False
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0 if self.t0 is not None else 0.0
+
+    def say(self, pcm8k: np.ndarray) -> float:
+        """Caller audio (int16, 8 kHz), sent after what is already waiting; returns when (call seconds) it starts."""
+        start = self.now() + len(self._live) / RATE
+        self._live += ulaw_encode(np.asarray(pcm8k, np.int16))
+        return start
+
+    def press(self, digit: str) -> None:
+        self._live_dtmf.append(digit)
+
+    def hang_up(self) -> None:
+        """The caller hangs up: `stop` goes out on the next tick and the stream closes."""
+        self._hang_up = True
+
+    @property
+    def saying(self) -> bool:
+        return bool(self._live)
 
     def _message(self, event: str, **fields) -> str:
         self._seq += 1
@@ -160,7 +187,7 @@ class TwilioCaller:
         tl = self.timeline
         heard = []
         async with websockets.connect(self.url, additional_headers=self.headers, max_size=None) as ws:
-            t0 = time.monotonic()
+            t0 = self.t0 = time.monotonic()
 
             def now() -> float:
                 return time.monotonic() - t0
@@ -206,7 +233,7 @@ class TwilioCaller:
             try:
                 for tick in range(round(seconds / TICK)):
                     await asyncio.sleep(max(0.0, t0 + tick * TICK - time.monotonic()))
-                    if receiver.done():
+                    if receiver.done() or self._hang_up:
                         break
                     if vanish_at is not None and now() >= vanish_at:
                         ws.transport.abort()
@@ -219,6 +246,9 @@ class TwilioCaller:
                             )
                         else:
                             await ws.send(value)
+                    while self._live_dtmf:
+                        digit = self._live_dtmf.pop(0)
+                        await ws.send(self._message("dtmf", dtmf={"track": "inbound_track", "digit": digit}))
                     # Caller audio: one 20 ms frame per tick.
                     offset = round((tick * TICK - audio_at) * RATE)
                     frame = caller_ulaw[offset : offset + FRAME] if offset >= 0 else b""
@@ -227,6 +257,9 @@ class TwilioCaller:
                     if barge_at is not None and tick * TICK >= barge_at:
                         offset = round((tick * TICK - barge_at) * RATE)
                         frame = barge_ulaw[offset : offset + FRAME]
+                    if not frame and self._live:
+                        frame = bytes(self._live[:FRAME])
+                        del self._live[:FRAME]
                     frame = frame + ULAW_SILENCE[len(frame) :]
                     chunk += 1
                     await ws.send(

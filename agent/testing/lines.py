@@ -1,0 +1,341 @@
+"""The caller's end of one call, per transport: what a conversation test speaks into and listens at.
+
+Every line offers the same few things, so one scenario runs over any of them:
+
+    line = make_line("twilio", runtime)
+    await line.open()                  # dial; line.call is then the agent's side of this call
+    start, end = await line.say(pcm)   # int16 at line.rate, sent in real time (seconds on the line's clock)
+    await line.press("12#")
+    line.heard()                       # [(t, loud)] per 20 ms of agent audio at the wire
+    line.ended                         # the far end hung up (the agent ended or transferred the call)
+    await line.close()                 # the caller hangs up if still on; the agent's call is waited for
+
+The line's clock is seconds since `open()` on `time.monotonic()`, the clock the agent's call notes
+its own events on (`Call.timeline`), so both sides land on one time axis. "At the wire" means what
+the caller's end received: the file transport's output (in-process), Twilio's playback of the media
+stream (the stand-in plays it on a 20 ms clock), or RTP packet arrival (SIP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+from loguru import logger
+
+from ..runtime import AgentRuntime, Call
+from .inprocess import InProcessCall
+
+SLOT = 0.02  # seconds per unit of heard audio
+LOUD_RMS = 150.0  # int16 RMS above which 20 ms of agent audio counts as sound (about -47 dBFS)
+
+
+def loud(samples: np.ndarray) -> bool:
+    return samples.size > 0 and float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) > LOUD_RMS
+
+
+def slots(samples: np.ndarray, rate: int, start: float) -> list[tuple[float, bool]]:
+    """int16 audio starting at `start` seconds as (time, loud) per 20 ms."""
+    n = max(1, int(rate * SLOT))
+    return [(start + i / rate, loud(samples[i : i + n])) for i in range(0, len(samples), n)]
+
+
+class Line:
+    transport = ""
+    rate = 16000
+
+    def __init__(self, runtime: AgentRuntime):
+        self.runtime = runtime
+        self.call: Call | None = None
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    @classmethod
+    def adapt(cls, spec):
+        """The agent file as this line needs it (a transport switched on, on local addresses)."""
+        return spec
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def say(self, pcm: np.ndarray) -> tuple[float, float]:
+        raise NotImplementedError
+
+    async def press(self, digits: str) -> None:
+        raise NotImplementedError
+
+    def heard(self) -> list[tuple[float, bool]]:
+        raise NotImplementedError
+
+    @property
+    def ended(self) -> bool:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def caller_sending(self) -> bool:
+        """Caller audio is still queued to go out."""
+        return False
+
+    def agent_busy(self, quiet_secs: float = 0.4) -> bool:
+        """The agent is hearing a turn, generating, or was heard within `quiet_secs`."""
+        if self.caller_sending:
+            return True
+        service = self.call.service if self.call is not None else None
+        if service is not None and (service.hearing or service.speaking):
+            return True
+        recent = [t for t, is_loud in self.heard()[-int(quiet_secs / SLOT) - 1 :] if is_loud]
+        return bool(recent) and self.now() - recent[-1] < quiet_secs
+
+    async def _find_call(self, known: set[str], timeout: float = 10.0) -> Call:
+        for _ in range(int(timeout / 0.02)):
+            new = [c for cid, c in self.runtime.calls.items() if cid not in known]
+            if new:
+                return new[0]
+            await asyncio.sleep(0.02)
+        raise RuntimeError(f"no {self.transport} call reached the agent within {timeout:g} s")
+
+    async def _wait_call_gone(self, timeout: float = 10.0) -> None:
+        if self.call is None:
+            return
+        for _ in range(int(timeout / 0.02)):
+            if self.call.stats.call_id not in self.runtime.calls:
+                return
+            await asyncio.sleep(0.02)
+        logger.warning(f"{self.transport} line: the agent's call {self.call.stats.call_id} did not end in {timeout:g} s")
+
+
+class InProcessLine(Line):
+    """The file transport, live, in this process: no network, no codec."""
+
+    transport = "inprocess"
+
+    def __init__(self, runtime: AgentRuntime, rate: int = 16000):
+        super().__init__(runtime)
+        self.rate = rate
+        self._line = InProcessCall(runtime, rate=rate, out_rate=rate)
+        self.call = self._line.call
+        self._offset = 0.0  # the file transport's clock zero on this line's clock
+
+    async def open(self) -> None:
+        self.t0 = time.monotonic()
+        await self._line.__aenter__()
+        self._offset = self._line.transport.clock.t0 - self.t0  # loop.time() is time.monotonic()
+
+    async def say(self, pcm: np.ndarray) -> tuple[float, float]:
+        start, end = await self._line.say(pcm)
+        return start + self._offset, end + self._offset
+
+    async def press(self, digits: str) -> None:
+        await self._line.press(digits)
+
+    @property
+    def caller_sending(self) -> bool:
+        return self._line.transport.caller_busy
+
+    def heard(self) -> list[tuple[float, bool]]:
+        out = []
+        for start, rate, samples in list(self._line.transport.agent_chunks):
+            out += slots(samples, rate, start + self._offset)
+        return out
+
+    @property
+    def ended(self) -> bool:
+        return self._line.ended
+
+    async def close(self) -> None:
+        await self._line.hang_up()
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: FastAPI):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            raise RuntimeError("the local server for the Twilio line did not start")
+        await asyncio.sleep(0.02)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+class TwilioLine(Line):
+    """Twilio's wire, with Twilio played by stand-ins: the agent's real routes (signed webhook, signed
+    media stream) on a local server, a caller speaking 8 kHz mu-law in 20 ms `media` messages that
+    plays the agent's audio on a 20 ms clock and echoes marks and `clear` as Twilio does, and a local
+    REST API taking the agent's hang-up and transfer."""
+
+    transport = "twilio"
+    rate = 8000
+    PUBLIC = "https://agent.test.invalid"
+    TOKEN = "scenario-auth-token"
+    ACCOUNT = "AC" + "0" * 32
+
+    @classmethod
+    def adapt(cls, spec):
+        twilio = spec.transports.twilio.model_copy(
+            update={"enabled": True, "auth_token": cls.TOKEN, "account_sid": cls.ACCOUNT, "public_url": cls.PUBLIC}
+        )
+        return spec.model_copy(update={"transports": spec.transports.model_copy(update={"twilio": twilio})})
+
+    def __init__(self, runtime: AgentRuntime):
+        super().__init__(runtime)
+        self._stack = contextlib.AsyncExitStack()
+        self._caller = None
+        self._run: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        from agent.twilio_routes import twilio_router
+
+        from .twilio_caller import TwilioCaller, fetch_voice_twiml, sid
+        from .twilio_cloud import LocalTwilioCloud
+
+        cloud = self._stack.enter_context(LocalTwilioCloud.running(self.ACCOUNT, self.TOKEN))
+        app = FastAPI()
+        app.include_router(twilio_router(self.runtime, self.PUBLIC, rest_client=cloud.client))
+        host = await self._stack.enter_async_context(_serving(app))
+        known = set(self.runtime.calls)
+        call_sid = sid("CA")
+        response = await fetch_voice_twiml(
+            f"http://{host}", self.TOKEN, public_base=self.PUBLIC, form={"CallSid": call_sid, "From": "+15550100000"}
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"the agent's Twilio webhook answered {response.status_code}: {response.text[:200]}")
+        stream = ET.fromstring(response.text).find("Connect/Stream")
+        params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+        self._caller = TwilioCaller(
+            f"ws://{host}/twilio/media", self.TOKEN, sign_url=stream.get("url"), parameters=params, call_sid=call_sid
+        )
+        self._run = asyncio.create_task(self._caller.run(seconds=3600))
+        self.call = await self._find_call(known)
+        while self._caller.t0 is None:
+            await asyncio.sleep(0.01)
+        self.t0 = self._caller.t0  # the stream's start is the line's zero
+
+    async def say(self, pcm: np.ndarray) -> tuple[float, float]:
+        start = self._caller.say(pcm)
+        end = start + len(pcm) / self.rate
+        while self.now() < end and not self.ended:
+            await asyncio.sleep(0.02)
+        return start, end
+
+    async def press(self, digits: str) -> None:
+        for digit in digits:
+            self._caller.press(digit)
+            await asyncio.sleep(0.1)
+
+    @property
+    def caller_sending(self) -> bool:
+        return self._caller is not None and self._caller.saying
+
+    def heard(self) -> list[tuple[float, bool]]:
+        from .twilio_caller import TICK
+
+        timeline = self._caller.timeline
+        return [(i * TICK, on) for i, on in enumerate(list(timeline.playing))]
+
+    @property
+    def ended(self) -> bool:
+        return self._run is not None and self._run.done()
+
+    async def close(self) -> None:
+        if self._caller is not None:
+            self._caller.hang_up()
+        if self._run is not None:
+            await asyncio.gather(self._run, return_exceptions=True)
+        await self._wait_call_gone()
+        await self._stack.aclose()
+
+
+class SipLine(Line):
+    """Plain SIP over UDP on 127.0.0.1: the agent's SIP server, and a small SIP phone (INVITE with
+    PCMU, RTP both ways every 20 ms, RFC 4733 DTMF, BYE)."""
+
+    transport = "sip"
+    rate = 8000
+
+    def __init__(self, runtime: AgentRuntime):
+        super().__init__(runtime)
+        self._server = None
+        self._phone = None
+        self._said_until = 0.0
+
+    async def open(self) -> None:
+        from transports.sip.caller import SipCaller
+        from transports.sip.calls import sip_server
+
+        spec = self.runtime.spec.transports.sip.model_copy(
+            update={"enabled": True, "host": "127.0.0.1", "port": 0, "auth": None, "allow": ["127.0.0.1"]}
+        )
+        self._server = sip_server(self.runtime, spec)
+        await self._server.start()
+        known = set(self.runtime.calls)
+        self._phone = SipCaller("127.0.0.1", self._server.port, user="+15550100000")
+        self.t0 = time.monotonic()
+        await self._phone.dial()
+        self.call = await self._find_call(known)
+
+    async def say(self, pcm: np.ndarray) -> tuple[float, float]:
+        started = await self._phone.say(pcm) - self.t0
+        end = started + len(pcm) / self.rate
+        self._said_until = end
+        while self.now() < end and not self.ended:
+            await asyncio.sleep(0.02)
+        return started, end
+
+    async def press(self, digits: str) -> None:
+        for digit in digits:
+            await self._phone.send_dtmf(digit)
+
+    @property
+    def caller_sending(self) -> bool:
+        return self.now() < self._said_until
+
+    def heard(self) -> list[tuple[float, bool]]:
+        from transports.sip.caller import CODECS
+
+        decode = CODECS[self._phone.payload_type][2]
+        return [
+            (p.arrival - self.t0, loud(decode(p.payload)))
+            for p in list(self._phone.received)
+            if p.payload_type == self._phone.payload_type
+        ]
+
+    @property
+    def ended(self) -> bool:
+        return self._phone is not None and self._phone.ended_by_peer.is_set()
+
+    async def close(self) -> None:
+        if self._phone is not None:
+            if not self.ended:
+                await self._phone.hang_up()
+            self._phone.close()
+        await self._wait_call_gone()
+        if self._server is not None:
+            await self._server.stop()
+
+
+LINES = {"inprocess": InProcessLine, "twilio": TwilioLine, "sip": SipLine}
+
+
+def make_line(transport: str, runtime: AgentRuntime) -> Line:
+    if transport not in LINES:
+        raise ValueError(f"transport {transport!r} is not one of {', '.join(LINES)} (webrtc: not yet)")
+    return LINES[transport](runtime)
+

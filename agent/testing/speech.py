@@ -1,0 +1,53 @@
+"""A scripted caller's voice: text spoken by espeak-ng at a transport's rate, cached per (text, rate)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+CACHE_DIR = Path(tempfile.gettempdir()) / "chroma-agents-speech"
+
+
+class SpeechUnavailable(RuntimeError):
+    """espeak-ng is not installed."""
+
+
+def espeak() -> str | None:
+    return shutil.which("espeak-ng")
+
+
+def synthesize(text: str, rate: int) -> np.ndarray:
+    """`text` spoken by espeak-ng as int16 mono at `rate`. Raises SpeechUnavailable without espeak-ng."""
+    binary = espeak()
+    if binary is None:
+        raise SpeechUnavailable(
+            "caller turns given as text are spoken with espeak-ng, which is not installed "
+            "(apt-get install espeak-ng), or give the turn as audio: a WAV file"
+        )
+    key = hashlib.sha1(f"{rate}:{text}".encode()).hexdigest()[:16]
+    cached = CACHE_DIR / f"{key}.npy"
+    if cached.exists():
+        return np.load(cached)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    wav_path = CACHE_DIR / f"{key}.wav"
+    subprocess.run([binary, "-w", str(wav_path), text], check=True, capture_output=True)
+    with wave.open(str(wav_path), "rb") as wav:
+        native_rate = wav.getframerate()
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    samples = soxr.resample(samples, native_rate, rate, quality="HQ").astype(np.int16)
+    np.save(cached, samples)
+    return samples
+
+
+def read_wav(path: str | Path, rate: int) -> np.ndarray:
+    """A 16-bit PCM WAV as int16 mono at `rate` (raises agent.wavfile.WavError naming the file)."""
+    from agent.wavfile import read_wav as read_float
+
+    return np.round(np.clip(read_float(path, rate), -1.0, 1.0) * 32767.0).astype(np.int16)
