@@ -2,7 +2,7 @@
 
 Every line offers the same few things, so one scenario runs over any of them:
 
-    line = make_line("twilio", runtime)
+    line = LINES["twilio"](runtime)   # or "inprocess", "sip"
     await line.open()                  # dial; line.call is then the agent's side of this call
     start, end = await line.say(pcm)   # int16 at line.rate, sent in real time (seconds on the line's clock)
     await line.press("12#")
@@ -332,10 +332,4 @@ class SipLine(Line):
 
 
 LINES = {"inprocess": InProcessLine, "twilio": TwilioLine, "sip": SipLine}
-
-
-def make_line(transport: str, runtime: AgentRuntime) -> Line:
-    if transport not in LINES:
-        raise ValueError(f"transport {transport!r} is not one of {', '.join(LINES)} (webrtc: not yet)")
-    return LINES[transport](runtime)
 

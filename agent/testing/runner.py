@@ -70,7 +70,9 @@ class ScenarioRunner:
             model = self.model_for(spec)
             line_class = LINES.get(transport)
             if line_class is None:
-                raise ValueError(f"transport {transport!r} is not one of {', '.join(LINES)}")
+                raise ValueError(
+                    f"transport {transport!r} cannot be run yet; the runner has {', '.join(LINES)} (no WebRTC line yet)"
+                )
             runtime = AgentRuntime(line_class.adapt(spec), model=model, reasoner=_reasoner(scenario, model))
             line = line_class(runtime)
             await line.open()
@@ -97,9 +99,10 @@ class ScenarioRunner:
 
 
 def _reasoner(scenario: Scenario, model) -> Callable | None:
-    """The scenario's scripted thinker (`script: file.py:turns`), one per call, or None."""
-    if scenario.script is None:
-        return None
+    """The scenario's scripted thinker (`script: file.py:turns`), one per call, for the tiny model's random
+    weights; with real weights the script is ignored and the thinker answers for itself."""
+    if scenario.script is None or not model.config.is_tiny:
+        return None  # real weights choose their own words
     from processors.chroma.scripted import ScriptedReasoner
 
     path, attribute = scenario.script

@@ -279,6 +279,11 @@ class ChromaS2SService(LLMService):
         # turn_end is wall-clock time, the base pipecat's metrics use
         if previous is not None and not previous.done():
             await asyncio.wait({previous})  # replies take turns (interruptions off, or queued by a flow)
+        if user_audio is None:
+            # The agent's own turn (a tool's answer, a node's line, a filler) does not talk over the
+            # caller: it waits until the caller's turn is over, and goes before the answer to it.
+            while self._turn is not None:
+                await asyncio.sleep(0.02)
         if self._context is not None:
             self._take_instructions(self._context.get_messages())
         self._turn_count += 1

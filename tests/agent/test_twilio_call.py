@@ -21,11 +21,11 @@ from pipecat.frames.frames import InputDTMFFrame
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
+from agent.testing.twilio_caller import TwilioCaller, fetch_voice_twiml, sid
+from agent.testing.twilio_cloud import LocalTwilioCloud
 from agent.twilio_routes import TwilioConfigError, twilio_router
 from tests.agent.test_call import agent_file as call_agent_file
 from tests.speech import requires_espeak, synthesize
-from agent.testing.twilio_caller import TwilioCaller, fetch_voice_twiml, sid
-from agent.testing.twilio_cloud import LocalTwilioCloud
 
 TOKEN = "f" * 32
 ACCOUNT = "AC" + "a" * 32

@@ -389,3 +389,15 @@ def test_find_scenario_files_keeps_files_and_searches_folders(tmp_path):
     given = tmp_path / "elsewhere.yaml"
     assert find_scenario_files([given, tmp_path]) == [given, b, a]
     assert find_scenario_files([b, tmp_path]) == [b, a]  # each once
+
+
+def test_the_example_scenarios_and_their_agent_load():
+    from agent.spec import load_agent
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
+    files = find_scenario_files([root])
+    assert files
+    for path in files:
+        loaded = load_scenarios(path)
+        assert loaded.scenarios and loaded.agent is not None
+        assert load_agent(loaded.agent).flow_file is not None

@@ -19,9 +19,12 @@ def check_availability(date: str, time_of_day: str = "any") -> dict:
     return {"available": bool(slots), "slots": slots, "first_slot": slots[0] if slots else None}
 
 
+BOOKING_SECONDS = 1.5  # the stand-in booking system is slow, as real ones can be: the flow's filler covers it
+
+
 async def book_appointment(slot: str, name: str) -> dict:
     """Book a slot if it is still free; async, as a real booking system's client would be."""
-    await asyncio.sleep(0)
+    await asyncio.sleep(BOOKING_SECONDS)
     if slot in _booked:
         return {"booked": False, "reference": None, "slot": slot}
     _booked.add(slot)

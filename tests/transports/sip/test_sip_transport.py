@@ -3,9 +3,9 @@ barge-in silencing our RTP within one packet, native DTMF out, a whole call on t
 SipCalls, the glue from SIP dialogs to calls (ports, offers and re-offers, hang-ups, silence timeout)."""
 
 import asyncio
-from types import SimpleNamespace
 import random
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest

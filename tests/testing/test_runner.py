@@ -1,0 +1,168 @@
+"""Scenarios end to end: the runner dials a live agent (tiny model, scripted thinker, a real flow) over
+each line, and the expectations are checked over what both ends saw. Deliberately broken agents must
+fail the expectation that names what they broke, and only that one."""
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent.testing.command import EXIT_FAILED
+from agent.testing.runner import ScenarioRunner
+from agent.testing.scenario import load_scenarios
+from tests.speech import requires_espeak
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FLOW = """
+tools:
+  lookup_order:
+    description: Look up an order.
+    parameters:
+      type: object
+      properties: {order_id: {type: string}}
+      required: [order_id]
+    python: tools:lookup_order
+    timeout_secs: 3
+    fallback: Sorry.
+initial_node: start
+nodes:
+  start:
+    respond_immediately: false
+    task_messages: [{role: developer, content: Ask for the order.}]
+    functions:
+      - name: lookup_order
+        transition_to: %(after_lookup)s
+  verify:
+    task_messages: [{role: developer, content: Confirm.}]
+    functions:
+      - name: finished
+        transition_only: true
+        description: Done.
+        transition_to: bye
+  bye:
+    task_messages: [{role: developer, content: Bye.}]
+    post_actions: [{type: end_call}]
+"""
+
+SCRIPT = """
+from processors.chroma.scripted import Call
+turns = [
+    ["Ok. ", Call("lookup_order", {"order_id": "A17"}), "It shipped, and it arrives on Friday."],
+    ["Sure."],
+    [Call("finished", {}), "Bye."],
+]
+"""
+
+SCENARIOS = """
+agent: agent.yaml
+scenarios:
+  - name: order status
+    script: script.py:turns
+    turns:
+      - user: "Where is my order A17?"
+        expect:
+          - {event: bot_started_speaking, within_ms: %(first_audio_ms)s}
+          - {event: function_call, name: lookup_order, arguments: {order_id: A17}}
+      - user: "Wait."
+        barge_in_after_ms: 1500
+        expect:
+          - {event: bot_stopped_speaking, within_ms: 600}
+          - {event: kept_text_prefix}
+      - user: "That is all, thanks."
+    expect:
+      - {event: node_reached, node: verify}
+      - {event: call_ended, by: agent}
+"""
+
+
+def write_case(folder: Path, *, interruptions=True, silence_secs=0.4, after_lookup="verify", first_audio_ms=1500):
+    (folder / "tools.py").write_text("def lookup_order(order_id):\n    return {'status': 'shipped'}\n")
+    (folder / "flow.yaml").write_text(FLOW % {"after_lookup": after_lookup})
+    (folder / "script.py").write_text(SCRIPT)
+    (folder / "agent.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            name: scenario agent
+            model: tiny
+            voice: {ROOT / "examples/voices/demo"}
+            flow: flow.yaml
+            turn: {{detector: silence, silence_secs: {silence_secs}}}
+            response: {{max_seconds: 3, allow_interruptions: {str(interruptions).lower()}}}
+            """
+        )
+    )
+    (folder / "order.yaml").write_text(SCENARIOS % {"first_audio_ms": first_audio_ms})
+    return load_scenarios(folder / "order.yaml")
+
+
+def run_once(file, transport="inprocess"):
+    runner = ScenarioRunner()
+    return asyncio.run(runner.run(file, file.scenarios[0], transport, 1))
+
+
+def failed(result) -> list[str]:
+    return [c.name for c in result.checks if not c.passed]
+
+
+@requires_espeak
+@pytest.mark.parametrize("transport", ["inprocess", "twilio", "sip"])
+def test_a_well_behaved_agent_passes_the_same_scenario_over_each_line(tmp_path, transport):
+    result = run_once(write_case(tmp_path), transport)
+    assert result.error is None, result.error
+    assert failed(result) == []
+    kinds = [e.kind for e in result.events]
+    for kind in ("caller_speech_start", "agent_audio_start", "barge_in", "agent_stopped", "tool_call", "node",
+                 "vad_start", "call_ended"):
+        assert kind in kinds, kind
+    measured = result.measurements()
+    assert len(measured["first_audio_ms"]) == 3 and len(measured["barge_in_stop_ms"]) == 1
+    # time to first audio is measured at the wire, after the caller's speech ended
+    assert all(0 < ms < 1500 for ms in measured["first_audio_ms"])
+
+
+@requires_espeak
+def test_an_agent_that_ignores_barge_in_fails_only_the_barge_in_expectations(tmp_path):
+    result = run_once(write_case(tmp_path, interruptions=False))
+    assert failed(result) == ["turn 2: bot_stopped_speaking within 600 ms", "turn 2: kept_text_prefix"]
+
+
+@requires_espeak
+def test_a_slow_agent_fails_only_the_time_to_first_audio(tmp_path):
+    # it waits 2.5 s of silence before answering: every answer comes too late for the 1500 ms limit
+    result = run_once(write_case(tmp_path, silence_secs=2.5))
+    assert failed(result) == ["turn 1: bot_started_speaking within 1500 ms"]
+
+
+@requires_espeak
+def test_an_agent_whose_flow_skips_a_node_fails_only_that_node(tmp_path):
+    result = run_once(write_case(tmp_path, after_lookup="bye"))
+    assert "node_reached verify" in failed(result)
+    assert "turn 1: bot_started_speaking within 1500 ms" not in failed(result)
+    assert "turn 1: function_call lookup_order {'order_id': 'A17'}" not in failed(result)
+
+
+@requires_espeak
+def test_the_command_reports_and_exits_non_zero_on_a_failed_expectation(tmp_path, capsys):
+    from agent.cli import main
+
+    write_case(tmp_path, first_audio_ms=1)  # no agent answers within 1 ms
+    report = tmp_path / "report"
+    code = main(["test", str(tmp_path / "order.yaml"), "--report", str(report)])
+    out = capsys.readouterr().out
+    assert code == EXIT_FAILED
+    assert "FAIL  order status  run 1/1  inprocess" in out
+    assert "| order status | inprocess | 0/1 |" in out
+    written = sorted(p.name for p in report.iterdir())
+    assert {"report.json", "summary.md", "junit.xml"} <= set(written)
+    assert any(name.startswith("timeline-") and name.endswith(".png") for name in written)
+
+
+def test_a_bad_scenario_file_is_a_usage_error_naming_the_line(tmp_path, capsys):
+    from agent.cli import main
+
+    (tmp_path / "bad.yaml").write_text("scenarios:\n  - name: x\n    turns:\n      - dtmf: '9x'\n")
+    assert main(["test", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml:4" in err and "dtmf" in err
