@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pipecat.flows import FlowConfig
 from pydantic import ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from .actions import check_action
 from .dtmf import DtmfSpec
-from .problems import FlowFileError, Lines, Loc, Problem, dotted, from_validation, parse, show
+from .problems import FlowFileError, Lines, Loc, Problem, dotted, from_validation, read_mapping, show
 from .schema import schema_problems
 from .templates import placeholders
 from .tools import ENV_VALUE, TOOL_NAME, ToolSpec, load_python, signature_problems
@@ -81,26 +80,7 @@ class FlowFile:
 def load_flow(path: str | Path) -> FlowFile:
     """Read and check a flow file; raises FlowFileError naming every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise FlowFileError(
-            path, [(None, "", f"cannot be read ({reason}); expected a UTF-8 YAML file")]
-        ) from None
-    try:
-        root, data = parse(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
-        raise FlowFileError(
-            path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise FlowFileError(path, [(None, "", f"invalid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        found = "the file is empty" if root is None else f"{show(data)} at the top level"
-        raise FlowFileError(path, [(1, "", f"{found}; expected a mapping with initial_node and nodes")])
+    root, data = read_mapping(path, FlowFileError, "a mapping with initial_node and nodes")
     lines = Lines(root)
     checker = _Checker(path.resolve().parent, data)
     flow = checker.run(path)

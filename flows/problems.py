@@ -150,3 +150,25 @@ def parse(text: str) -> tuple[yaml.Node | None, Any]:
         return node, (loader.construct_document(node) if node is not None else None)
     finally:
         loader.dispose()
+
+
+def read_mapping(path: Path, error: type[FlowFileError], expected: str) -> tuple[Any, dict]:
+    """A YAML file's root node and its top-level mapping, or `error` naming the file (and the line of
+    bad YAML). `expected` says what the top level should hold, e.g. "a mapping with initial_node"."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise error(path, [(None, "", f"cannot be read ({reason}); expected a UTF-8 YAML file")]) from None
+    try:
+        root, data = parse(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
+        raise error(path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]) from None
+    except yaml.YAMLError as exc:
+        raise error(path, [(None, "", f"invalid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        found = "the file is empty" if root is None else f"{show(data)} at the top level"
+        raise error(path, [(1, "", f"{found}; expected {expected}")])
+    return root, data

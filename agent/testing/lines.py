@@ -158,7 +158,7 @@ class InProcessLine(Line):
 
 
 @contextlib.asynccontextmanager
-async def _serving(app: FastAPI):
+async def serving(app: FastAPI):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -166,7 +166,7 @@ async def _serving(app: FastAPI):
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
-            raise RuntimeError("the local server for the Twilio line did not start")
+            raise RuntimeError("the local server for the agent did not start")
         await asyncio.sleep(0.02)
     try:
         yield f"127.0.0.1:{port}"
@@ -209,7 +209,7 @@ class TwilioLine(Line):
         cloud = self._stack.enter_context(LocalTwilioCloud.running(self.ACCOUNT, self.TOKEN))
         app = FastAPI()
         app.include_router(twilio_router(self.runtime, self.PUBLIC, rest_client=cloud.client))
-        host = await self._stack.enter_async_context(_serving(app))
+        host = await self._stack.enter_async_context(serving(app))
         known = set(self.runtime.calls)
         call_sid = sid("CA")
         response = await fetch_voice_twiml(

@@ -64,9 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from flows.problems import FlowFileError, Lines, Loc, Problem, dotted, parse, show
+from flows.problems import FlowFileError, Lines, Loc, Problem, dotted, read_mapping, show
 
 TRANSPORTS = ("inprocess", "twilio", "sip", "webrtc")
 LIMIT_KEYS = ("first_audio_ms", "barge_in_stop_ms")
@@ -159,26 +157,7 @@ class ScenarioFile:
 def load_scenarios(path: str | Path) -> ScenarioFile:
     """Read and check a scenario file; raises ScenarioFileError naming every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ScenarioFileError(
-            path, [(None, "", f"cannot be read ({reason}); expected a UTF-8 YAML scenario file")]
-        ) from None
-    try:
-        root, data = parse(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
-        raise ScenarioFileError(
-            path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ScenarioFileError(path, [(None, "", f"invalid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        found = "the file is empty" if root is None else f"{show(data)} at the top level"
-        raise ScenarioFileError(path, [(1, "", f"{found}; expected a mapping with a scenarios list")])
+    root, data = read_mapping(path, ScenarioFileError, "a mapping with a scenarios list")
     lines = Lines(root)
     checker = _Checker(path.resolve().parent, lines)
     loaded = checker.file(path, data)

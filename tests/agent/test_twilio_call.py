@@ -3,16 +3,13 @@ of the Media Stream (agent/testing/twilio_caller.py), the tiny model, and a loca
 Twilio's REST API."""
 
 import asyncio
-import contextlib
 import json
-import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from fastapi import FastAPI
 from loguru import logger
@@ -21,6 +18,7 @@ from pipecat.frames.frames import InputDTMFFrame
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
+from agent.testing.lines import serving
 from agent.testing.twilio_caller import TwilioCaller, fetch_voice_twiml, sid
 from agent.testing.twilio_cloud import LocalTwilioCloud
 from agent.twilio_routes import TwilioConfigError, twilio_router
@@ -62,25 +60,6 @@ def form(request: dict) -> dict:
 
 
 # --- the server ----------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serving(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "server did not start"
-        await asyncio.sleep(0.02)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
 
 
 def app_with_rest(runtime, rest_client) -> FastAPI:
