@@ -254,3 +254,18 @@ def test_default_device_and_dtype_without_cuda(tiny):
         pytest.skip("CUDA present: the default is CUDA + bf16")
     model = load_model("tiny")
     assert model.device.type == "cpu" and model.dtype == torch.float32
+
+
+def test_the_random_4b_preset_has_the_released_models_dimensions():
+    """Built on the meta device (no memory): the sizes chroma-facts.md gives for the released model."""
+    from processors.chroma.checkpoint import _construct
+    from processors.chroma.config import preset_config
+
+    model = _construct(preset_config("random-4b"), torch.device("meta"), torch.bfloat16)
+    millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
+    backbone = model.config.backbone_config
+    assert (backbone.num_hidden_layers, backbone.hidden_size, backbone.num_attention_heads) == (16, 2048, 32)
+    assert model.config.thinker_config.text_config.vocab_size == 151936
+    assert 950 < millions(model.backbone) < 1100  # ~1B
+    assert 3000 < millions(model.thinker) < 4000  # ~3B with its audio encoder
+    assert 100 < millions(model.decoder) < 200  # ~100M
