@@ -23,6 +23,7 @@ import contextlib
 import socket
 import time
 import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
 
 import numpy as np
 import uvicorn
@@ -46,7 +47,7 @@ def slots(samples: np.ndarray, rate: int, start: float) -> list[tuple[float, boo
     return [(start + i / rate, loud(samples[i : i + n])) for i in range(0, len(samples), n)]
 
 
-class Line:
+class Line(ABC):
     transport = ""
     rate = 16000
 
@@ -63,24 +64,30 @@ class Line:
         """The agent file as this line needs it (a transport switched on, on local addresses)."""
         return spec
 
+    @abstractmethod
     async def open(self) -> None:
-        raise NotImplementedError
+        """Dial the agent; `call` is then the agent's side of this call."""
 
+    @abstractmethod
     async def say(self, pcm: np.ndarray) -> tuple[float, float]:
-        raise NotImplementedError
+        """Send int16 caller audio at `rate` in real time; (start, end) on the line's clock."""
 
+    @abstractmethod
     async def press(self, digits: str) -> None:
-        raise NotImplementedError
+        """Press keys on the caller's phone."""
 
+    @abstractmethod
     def heard(self) -> list[tuple[float, bool]]:
-        raise NotImplementedError
+        """(time, loud) per 20 ms of agent audio received at the wire, so far."""
 
     @property
+    @abstractmethod
     def ended(self) -> bool:
-        raise NotImplementedError
+        """The far end hung up."""
 
+    @abstractmethod
     async def close(self) -> None:
-        raise NotImplementedError
+        """Hang up if still on, and wait for the agent's call to end."""
 
     @property
     def caller_sending(self) -> bool:
@@ -126,6 +133,8 @@ class InProcessLine(Line):
         self._line = InProcessCall(runtime, rate=rate, out_rate=rate)
         self.call = self._line.call
         self._offset = 0.0  # the file transport's clock zero on this line's clock
+        self._heard: list[tuple[float, bool]] = []
+        self._measured = 0
 
     async def open(self) -> None:
         self.t0 = time.monotonic()
@@ -144,10 +153,11 @@ class InProcessLine(Line):
         return self._line.transport.caller_busy
 
     def heard(self) -> list[tuple[float, bool]]:
-        out = []
-        for start, rate, samples in list(self._line.transport.agent_chunks):
-            out += slots(samples, rate, start + self._offset)
-        return out
+        chunks = self._line.transport.agent_chunks
+        for start, rate, samples in chunks[self._measured :]:  # each chunk measured once
+            self._heard += slots(samples, rate, start + self._offset)
+        self._measured = len(chunks)
+        return self._heard
 
     @property
     def ended(self) -> bool:
@@ -275,6 +285,8 @@ class SipLine(Line):
         self._server = None
         self._phone = None
         self._said_until = 0.0
+        self._heard: list[tuple[float, bool]] = []
+        self._measured = 0
 
     async def open(self) -> None:
         from transports.sip.caller import SipCaller
@@ -311,11 +323,12 @@ class SipLine(Line):
         from transports.sip.caller import CODECS
 
         decode = CODECS[self._phone.payload_type][2]
-        return [
-            (p.arrival - self.t0, loud(decode(p.payload)))
-            for p in list(self._phone.received)
-            if p.payload_type == self._phone.payload_type
-        ]
+        received = self._phone.received
+        for p in received[self._measured :]:  # each packet decoded once
+            if p.payload_type == self._phone.payload_type:
+                self._heard.append((p.arrival - self.t0, loud(decode(p.payload))))
+        self._measured = len(received)
+        return self._heard
 
     @property
     def ended(self) -> bool:
