@@ -321,9 +321,11 @@ class TwilioOutputTransport(BaseOutputTransport):
         self._echoed.set()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        # After pipecat has emptied the audio queue: a chunk the audio task takes from the queue
+        # between our `clear` and that reset would otherwise go out after the `clear`.
         if isinstance(frame, InterruptionFrame):
             await self._barge_in()
-        await super().process_frame(frame, direction)
 
     async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
         # The audio task pushes TTSStoppedFrame on after the reply's last chunk was written, so a mark
