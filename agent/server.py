@@ -5,7 +5,9 @@
 
 One browser call: the page POSTs its SDP offer (all ICE candidates included, no trickle) to
 /api/offer; the answer comes back and the call's pipeline runs in the background until either side
-hangs up. Closing the peer connection in the browser ends the call on the server.
+hangs up. Closing the peer connection in the browser ends the call on the server. Keys pressed on the
+page travel over the data channel as `{"type": "chroma-agents", "dtmf": "12#"}` and reach the agent as
+DTMF, as a phone's would.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
+from pipecat.frames.frames import InputDTMFFrame
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
@@ -33,6 +37,7 @@ from .runtime import STAND_IN_NOTICE, AgentRuntime, Call
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 WEBRTC_OUT_RATE = 48000  # Opus runs at 48 kHz; sending at its rate saves aiortc a resample
+MAX_DTMF_PER_MESSAGE = 32
 CONNECT_TIMEOUT_SECS = 20  # an offer whose peer never connects frees its session after this
 SHUTDOWN_GRACE_SECS = 3.0  # per step: hang up, then cancel
 
@@ -91,10 +96,30 @@ class WebRTCCalls:
             # Nothing is left to hear the rest of the reply: cancel rather than drain.
             await call.cancel("caller left")
 
+        @transport.event_handler("on_app_message")
+        async def _app_message(_transport, message, _sender):
+            await self._keys(call, transport, message)
+
         pc_id = connection.pc_id
         task = asyncio.create_task(self._run(pc_id, connection, call), name=f"call-{pc_id}")
         self.active[pc_id] = (connection, call, task)
         return connection.get_answer()
+
+    async def _keys(self, call: Call, transport: SmallWebRTCTransport, message) -> None:
+        """Keys from the page's data channel, one DTMF frame per digit; anything else is left alone."""
+        if not (isinstance(message, dict) and message.get("type") == "chroma-agents" and "dtmf" in message):
+            return
+        digits = message["dtmf"]
+        valid = {k.value for k in KeypadEntry}
+        if not (isinstance(digits, str) and 0 < len(digits) <= MAX_DTMF_PER_MESSAGE and set(digits) <= valid):
+            self.runtime.metrics.dropped("bad_dtmf")
+            logger.warning(
+                f"call {call.stats.call_id}: dropped data channel message dtmf={json.dumps(digits)[:40]}; "
+                f"expected 1 to {MAX_DTMF_PER_MESSAGE} of {''.join(sorted(valid))}"
+            )
+            return
+        for digit in digits:
+            await transport.input().push_frame(InputDTMFFrame(button=KeypadEntry(digit)))
 
     async def _run(self, pc_id: str, connection: SmallWebRTCConnection, call: Call) -> None:
         try:

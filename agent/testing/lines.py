@@ -2,7 +2,7 @@
 
 Every line offers the same few things, so one scenario runs over any of them:
 
-    line = LINES["twilio"](runtime)   # or "inprocess", "sip"
+    line = LINES["twilio"](runtime)   # or "inprocess", "sip", "webrtc"
     await line.open()                  # dial; line.call is then the agent's side of this call
     start, end = await line.say(pcm)   # int16 at line.rate, sent in real time (seconds on the line's clock)
     await line.press("12#")
@@ -13,17 +13,22 @@ Every line offers the same few things, so one scenario runs over any of them:
 The line's clock is seconds since `open()` on `time.monotonic()`, the clock the agent's call notes
 its own events on (`Call.timeline`), so both sides land on one time axis. "At the wire" means what
 the caller's end received: the file transport's output (in-process), Twilio's playback of the media
-stream (the stand-in plays it on a 20 ms clock), or RTP packet arrival (SIP).
+stream (the stand-in plays it on a 20 ms clock), RTP packet arrival (SIP), or the browser's audio
+graph rendering the remote track, after its jitter buffer (WebRTC).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
+import json
 import socket
 import time
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 import uvicorn
@@ -344,5 +349,112 @@ class SipLine(Line):
             await self._server.stop()
 
 
-LINES = {"inprocess": InProcessLine, "twilio": TwilioLine, "sip": SipLine}
+class WebRTCLine(Line):
+    """A real browser: the agent's server (its page and `/api/offer`) on 127.0.0.1, and headless Chromium
+    calling it over WebRTC (Opus at 48 kHz, ICE, DTLS-SRTP). The caller's voice is played into a WebAudio
+    stream standing in for the microphone; keys go over the data channel. The browser keeps times on its
+    AudioContext clock; the line maps them onto its own from round trips it times."""
+
+    transport = "webrtc"
+    rate = 48000
+    POLL_SECS = 0.04
+    CONNECT_TIMEOUT_SECS = 20.0
+
+    @classmethod
+    def adapt(cls, spec):
+        webrtc = spec.transports.webrtc.model_copy(update={"enabled": True})
+        return spec.model_copy(update={"transports": spec.transports.model_copy(update={"webrtc": webrtc})})
+
+    def __init__(self, runtime: AgentRuntime):
+        super().__init__(runtime)
+        self._stack = contextlib.AsyncExitStack()
+        self._page = None
+        self._poll: asyncio.Task | None = None
+        self._state = "new"
+        self._error = None
+        self._offsets: collections.deque[tuple[float, float]] = collections.deque(maxlen=25)  # (rtt, offset)
+        self._heard: list[tuple[float, bool]] = []
+        self._said_until = 0.0
+
+    async def open(self) -> None:
+        from agent.server import create_app
+
+        from .browser import Page, chromium
+
+        host = await self._stack.enter_async_context(serving(create_app(self.runtime)))
+        devtools = await self._stack.enter_async_context(chromium())
+        self._page = await self._stack.enter_async_context(Page.open(devtools, f"http://{host}/"))
+        await self._page.evaluate((Path(__file__).parent / "webrtc_caller.js").read_text())
+        known = set(self.runtime.calls)
+        self.t0 = time.monotonic()
+        await self._page.evaluate("chromaCaller.dial('/api/offer')")
+        self.call = await self._find_call(known)
+        await self._take()
+        self._poll = asyncio.create_task(self._polling())
+        deadline = self.now() + self.CONNECT_TIMEOUT_SECS
+        while self._state == "connecting" and self.now() < deadline:
+            await asyncio.sleep(0.02)
+        if self._state != "connected":
+            raise RuntimeError(f"the browser's call did not connect ({self._state}: {self._error})")
+
+    def _line_time(self, context_time: float) -> float:
+        # The offset of the round trip that was quickest recently: the least uncertain one.
+        return context_time - min(self._offsets)[1]
+
+    async def _take(self) -> None:
+        before = time.monotonic()
+        taken = await self._page.evaluate("chromaCaller.take()")
+        after = time.monotonic()
+        self._offsets.append((after - before, taken["now"] - ((before + after) / 2 - self.t0)))
+        self._state, self._error = taken["state"], taken["error"]
+        self._heard += [(self._line_time(t), rms * 32768.0 > LOUD_RMS) for t, rms in taken["heard"]]
+
+    async def _polling(self) -> None:
+        while True:
+            await asyncio.sleep(self.POLL_SECS)
+            try:
+                await self._take()
+            except Exception as exc:  # the tab or browser went away: nothing more will be heard
+                self._state, self._error = "failed", f"{type(exc).__name__}: {exc}"
+                return
+
+    async def say(self, pcm: np.ndarray) -> tuple[float, float]:
+        audio = base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+        start, end = await self._page.evaluate(f"chromaCaller.say('{audio}', {self.rate})")
+        start, end = self._line_time(start), self._line_time(end)
+        self._said_until = end
+        while self.now() < end and not self.ended:
+            await asyncio.sleep(0.02)
+        return start, end
+
+    async def press(self, digits: str) -> None:
+        for digit in digits:
+            await self._page.evaluate(f"chromaCaller.press({json.dumps(digit)})")
+            await asyncio.sleep(0.1)
+
+    @property
+    def caller_sending(self) -> bool:
+        return self.now() < self._said_until
+
+    def heard(self) -> list[tuple[float, bool]]:
+        return self._heard
+
+    @property
+    def ended(self) -> bool:
+        return self._state in ("ended", "failed")
+
+    async def close(self) -> None:
+        try:
+            if self._poll is not None:
+                self._poll.cancel()
+                await asyncio.gather(self._poll, return_exceptions=True)
+                if not self.ended:
+                    with contextlib.suppress(Exception):
+                        await self._page.evaluate("chromaCaller.hangUp()")
+            await self._wait_call_gone()
+        finally:
+            await self._stack.aclose()
+
+
+LINES = {"inprocess": InProcessLine, "twilio": TwilioLine, "sip": SipLine, "webrtc": WebRTCLine}
 

@@ -70,9 +70,7 @@ class ScenarioRunner:
             model = self.model_for(spec)
             line_class = LINES.get(transport)
             if line_class is None:
-                raise ValueError(
-                    f"transport {transport!r} cannot be run yet; the runner has {', '.join(LINES)} (no WebRTC line yet)"
-                )
+                raise ValueError(f"transport {transport!r}: expected one of {', '.join(LINES)}")
             runtime = AgentRuntime(line_class.adapt(spec), model=model, reasoner=_reasoner(scenario, model))
             line = line_class(runtime)
             await line.open()
