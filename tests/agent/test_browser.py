@@ -2,30 +2,22 @@
 page over WebRTC; the test reads the page's `window.chromaState` through the DevTools protocol."""
 
 import asyncio
-import contextlib
-import json
-import shutil
 import socket
-import subprocess
-import tempfile
 import threading
 import time
-import urllib.parse
-import urllib.request
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import uvicorn
-import websockets
 
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
+from agent.testing.browser import CHROMIUM, Page, chromium
 from tests.speech import silence, synthesize
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
@@ -88,87 +80,17 @@ def server(runtime):
         srv.stop()
 
 
-@contextlib.contextmanager
-def chromium(wav: Path):
-    """Headless Chromium with a fake microphone reading ``wav``; yields its DevTools HTTP address."""
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    proc = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}",
-            "--use-fake-device-for-media-stream",
-            "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav.resolve()}",
-            "--autoplay-policy=no-user-gesture-required",
-            # Port 0: Chromium picks a free one and writes it to DevToolsActivePort in the profile.
-            "--remote-debugging-port=0",
-            "--remote-debugging-address=127.0.0.1",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = Path(profile) / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port_file.read_text().split()[0]}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+def fake_mic(wav: Path) -> list[str]:
+    """Chromium flags that make ``wav`` its microphone."""
+    return [
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav.resolve()}",
+    ]
 
 
-class Page:
-    """One browser tab, driven over the DevTools protocol."""
-
-    def __init__(self, ws, devtools: str, target_id: str):
-        self.ws, self.devtools, self.target_id = ws, devtools, target_id
-        self.next_id = 0
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, devtools: str, url: str):
-        # The whole URL is one escaped query string, or its own '&' would end it.
-        request = urllib.request.Request(
-            f"{devtools}/json/new?{urllib.parse.quote(url, safe='')}", method="PUT"
-        )
-        target = json.load(urllib.request.urlopen(request, timeout=10))
-        async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None) as ws:
-            yield cls(ws, devtools, target["id"])
-
-    def close_tab(self) -> None:
-        urllib.request.urlopen(f"{self.devtools}/json/close/{self.target_id}", timeout=10).read()
-
-    async def evaluate(self, expression: str):
-        self.next_id += 1
-        call_id = self.next_id
-        params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
-        await self.ws.send(json.dumps({"id": call_id, "method": "Runtime.evaluate", "params": params}))
-        while (reply := json.loads(await self.ws.recv())).get("id") != call_id:
-            pass
-        return reply["result"]["result"].get("value")
-
-    async def state(self) -> dict:
-        return await self.evaluate(
-            "window.chromaState ? JSON.parse(JSON.stringify(window.chromaState)) : null"
-        )
+async def page_state(page: Page) -> dict:
+    return await page.evaluate("window.chromaState ? JSON.parse(JSON.stringify(window.chromaState)) : null")
 
 
 def heard_and_answered(state: dict | None) -> bool:
@@ -180,7 +102,7 @@ async def call_until_answered(page: Page) -> dict:
     deadline = time.monotonic() + CALL_TIMEOUT_SECS
     state = None
     while time.monotonic() < deadline:
-        state = await page.state()
+        state = await page_state(page)
         if heard_and_answered(state) or (state and state["state"] == "failed"):
             break
         await asyncio.sleep(0.5)
@@ -197,7 +119,7 @@ async def wait_for(condition, timeout: float, what: str):
 async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, caller_wav):
     runtime, base = server
     turns_before = runtime.metrics.turns
-    with chromium(caller_wav) as devtools:
+    async with chromium(*fake_mic(caller_wav)) as devtools:
         async with Page.open(devtools, f"{base}/?raw=1&autostart=1") as page:
             state = await call_until_answered(page)
             assert state is not None, "the page never set window.chromaState"
@@ -218,14 +140,14 @@ async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, cal
             # Closing the peer connection in the browser must end the call and free its session.
             await wait_for(lambda: not runtime.calls, 15, "the server to end the call after hang-up")
             assert runtime.metrics.calls_active == 0
-            assert (await page.state())["state"] == "ended"
+            assert (await page_state(page))["state"] == "ended"
 
 
 async def test_two_browser_calls_at_once_each_get_their_own_answer(server, caller_wav):
     runtime, base = server
     webrtc_calls_before = runtime.metrics.calls["webrtc"]
     url = f"{base}/?raw=1&autostart=1"
-    with chromium(caller_wav) as devtools:
+    async with chromium(*fake_mic(caller_wav)) as devtools:
         async with Page.open(devtools, url) as first, Page.open(devtools, url) as second:
             await wait_for(lambda: len(runtime.calls) == 2, 20, "both calls to start")
             calls = list(runtime.calls.values())
@@ -250,7 +172,7 @@ async def test_two_browser_calls_at_once_each_get_their_own_answer(server, calle
 async def test_stopping_the_server_hangs_up_its_calls(runtime, caller_wav):
     srv = Server(runtime)
     try:
-        with chromium(caller_wav) as devtools:
+        async with chromium(*fake_mic(caller_wav)) as devtools:
             async with Page.open(devtools, f"{srv.url}/?raw=1&autostart=1") as page:
                 await wait_for(lambda: len(runtime.calls) == 1, 20, "the call to start")
                 state = await call_until_answered(page)
@@ -259,7 +181,7 @@ async def test_stopping_the_server_hangs_up_its_calls(runtime, caller_wav):
                 assert not runtime.calls and runtime.metrics.calls_active == 0
                 # The agent's side hung up, and the page says so rather than reporting a failure.
                 deadline = time.monotonic() + 10
-                while (state := await page.state())["state"] == "connected" and time.monotonic() < deadline:
+                while (state := await page_state(page))["state"] == "connected" and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                 assert state["state"] == "ended by agent", state
     finally:
