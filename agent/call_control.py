@@ -47,15 +47,17 @@ class PipelineCallControl:
         async def transfer_now() -> None:
             transfer = getattr(self.call.transport, "transfer", None)
             if transfer is None:
-                logger.error(f"call {self.call.stats.call_id}: its transport cannot transfer; {target} not dialled")
-                return
-            if await transfer(target):
+                reason = f"a {self.call.stats.kind} call cannot be transferred"
+            elif await transfer(target):
                 self.call.transferred_to = target
                 self.call.note("transferred", to=target)
                 logger.info(f"call {self.call.stats.call_id}: transferred to {target}")
                 await self._end()
+                return
             else:
-                logger.error(f"call {self.call.stats.call_id}: transfer to {target} was not accepted; staying on")
+                reason = "the transfer was not accepted"
+            self.call.note("transfer_failed", to=target, reason=reason)
+            logger.error(f"call {self.call.stats.call_id}: not transferred to {target}: {reason}; staying on")
 
         await self._queue(CallActionFrame(when_quiet=transfer_now))
 

@@ -38,8 +38,13 @@ from .runtime import STAND_IN_NOTICE, AgentRuntime, Call
 PAGE = Path(__file__).parent / "web" / "index.html"
 WEBRTC_OUT_RATE = 48000  # Opus runs at 48 kHz; sending at its rate saves aiortc a resample
 MAX_DTMF_PER_MESSAGE = 32
+KEYS = frozenset(k.value for k in KeypadEntry)
 CONNECT_TIMEOUT_SECS = 20  # an offer whose peer never connects frees its session after this
 SHUTDOWN_GRACE_SECS = 3.0  # per step: hang up, then cancel
+# A write to the browser's track returns once its sender has taken the chunk, at the pace of real time.
+# A caller who hangs up while the call is ending (the agent's goodbye still going out) leaves one write
+# that nothing will ever take; this is how long it may hold the call before the peer is written off.
+WRITE_TIMEOUT_SECS = 3.0
 
 
 class Offer(BaseModel):
@@ -82,6 +87,10 @@ class WebRTCCalls:
             audio_in_sample_rate=LISTEN_RATE,
             audio_out_enabled=True,
             audio_out_sample_rate=WEBRTC_OUT_RATE,
+            # The browser plays out what it has received; trailing silence would only delay the
+            # hang-up the page waits for.
+            audio_out_end_silence_secs=0,
+            audio_out_write_timeout_secs=WRITE_TIMEOUT_SECS,
         )
         try:
             transport = SmallWebRTCTransport(connection, params)
@@ -110,12 +119,11 @@ class WebRTCCalls:
         if not (isinstance(message, dict) and message.get("type") == "chroma-agents" and "dtmf" in message):
             return
         digits = message["dtmf"]
-        valid = {k.value for k in KeypadEntry}
-        if not (isinstance(digits, str) and 0 < len(digits) <= MAX_DTMF_PER_MESSAGE and set(digits) <= valid):
+        if not (isinstance(digits, str) and 0 < len(digits) <= MAX_DTMF_PER_MESSAGE and set(digits) <= KEYS):
             self.runtime.metrics.dropped("bad_dtmf")
             logger.warning(
                 f"call {call.stats.call_id}: dropped data channel message dtmf={json.dumps(digits)[:40]}; "
-                f"expected 1 to {MAX_DTMF_PER_MESSAGE} of {''.join(sorted(valid))}"
+                f"expected 1 to {MAX_DTMF_PER_MESSAGE} of {''.join(sorted(KEYS))}"
             )
             return
         for digit in digits:

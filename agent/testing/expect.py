@@ -217,6 +217,10 @@ def _happened(
             if transfers:
                 seen = ", ".join(str(e.data.get("to")) for e in transfers)
                 return False, f"transferred to {seen}; expected {p['to']}", None
+            refused = [e for e in events if e.kind == "transfer_failed"]
+            if refused:
+                e = refused[0]
+                return False, f"the agent asked for {e.data.get('to')} at {_ms(e.t_ms)}, but {e.data.get('reason')}", None
             return False, "the call was not transferred" + _ending(events), None
         return True, f"transferred to {hit.data.get('to')} at {_ms(hit.t_ms)}", after(hit)
     raise ValueError(f"unknown expectation event {exp.event!r}")

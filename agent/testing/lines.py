@@ -13,7 +13,7 @@ Every line offers the same few things, so one scenario runs over any of them:
 The line's clock is seconds since `open()` on `time.monotonic()`, the clock the agent's call notes
 its own events on (`Call.timeline`), so both sides land on one time axis. "At the wire" means what
 the caller's end received: the file transport's output (in-process), Twilio's playback of the media
-stream (the stand-in plays it on a 20 ms clock), RTP packet arrival (SIP), or the browser's audio
+stream (the stand-in plays it on a 20 ms clock), baresip's decoding of the RTP (SIP), or the browser's audio
 graph rendering the remote track, after its jitter buffer (WebRTC).
 """
 
@@ -24,7 +24,9 @@ import base64
 import collections
 import contextlib
 import json
+import shutil
 import socket
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
@@ -127,6 +129,12 @@ class Line(ABC):
         logger.warning(f"{self.transport} line: the agent's call {self.call.stats.call_id} did not end in {timeout:g} s")
 
 
+def _switched_on(spec, transport: str, **settings):
+    """The agent file with one transport enabled (and `settings` set in its section), all else as it was."""
+    section = getattr(spec.transports, transport).model_copy(update={"enabled": True, **settings})
+    return spec.model_copy(update={"transports": spec.transports.model_copy(update={transport: section})})
+
+
 class InProcessLine(Line):
     """The file transport, live, in this process: no network, no codec."""
 
@@ -204,10 +212,7 @@ class TwilioLine(Line):
 
     @classmethod
     def adapt(cls, spec):
-        twilio = spec.transports.twilio.model_copy(
-            update={"enabled": True, "auth_token": cls.TOKEN, "account_sid": cls.ACCOUNT, "public_url": cls.PUBLIC}
-        )
-        return spec.model_copy(update={"transports": spec.transports.model_copy(update={"twilio": twilio})})
+        return _switched_on(spec, "twilio", auth_token=cls.TOKEN, account_sid=cls.ACCOUNT, public_url=cls.PUBLIC)
 
     def __init__(self, runtime: AgentRuntime):
         super().__init__(runtime)
@@ -279,74 +284,83 @@ class TwilioLine(Line):
 
 
 class SipLine(Line):
-    """Plain SIP over UDP on 127.0.0.1: the agent's SIP server, and a small SIP phone (INVITE with
-    PCMU, RTP both ways every 20 ms, RFC 4733 DTMF, BYE)."""
+    """Plain SIP over UDP on 127.0.0.1: the agent's SIP server, called by baresip (INVITE with PCMU, RTP
+    both ways every 20 ms, RFC 4733 keys, BYE). The agent's audio is timed as baresip decodes it."""
 
     transport = "sip"
     rate = 8000
+    PAD_SECS = 10.0  # silence after each utterance, so a late switch back cannot run the file out
 
     def __init__(self, runtime: AgentRuntime):
         super().__init__(runtime)
         self._server = None
         self._phone = None
+        self._folder: Path | None = None
         self._said_until = 0.0
         self._heard: list[tuple[float, bool]] = []
-        self._measured = 0
+        self._utterances = 0
 
     async def open(self) -> None:
-        from transports.sip.caller import SipCaller
         from transports.sip.calls import sip_server
+
+        from .baresip import Baresip
 
         spec = self.runtime.spec.transports.sip.model_copy(
             update={"enabled": True, "host": "127.0.0.1", "port": 0, "auth": None, "allow": ["127.0.0.1"]}
         )
         self._server = sip_server(self.runtime, spec)
         await self._server.start()
+        self._folder = Path(tempfile.mkdtemp(prefix="chroma-sip-line-"))
         known = set(self.runtime.calls)
-        self._phone = SipCaller("127.0.0.1", self._server.port, user="+15550100000")
         self.t0 = time.monotonic()
-        await self._phone.dial()
+        self._phone = await Baresip.start(self._folder, f"sip:agent@127.0.0.1:{self._server.port}")
         self.call = await self._find_call(known)
 
     async def say(self, pcm: np.ndarray) -> tuple[float, float]:
-        started = await self._phone.say(pcm) - self.t0
+        from .baresip import write_wav
+
+        self._utterances += 1
+        padded = np.concatenate([pcm.astype(np.int16), np.zeros(int(self.PAD_SECS * self.rate), np.int16)])
+        wav = write_wav(self._folder / f"say{self._utterances}.wav", padded, self.rate)
+        started = await self._phone.play(wav) - self.t0
         end = started + len(pcm) / self.rate
         self._said_until = end
         while self.now() < end and not self.ended:
             await asyncio.sleep(0.02)
+        if not self._phone.closed.is_set():
+            await self._phone.play(self._phone.silence)
         return started, end
 
     async def press(self, digits: str) -> None:
         for digit in digits:
-            await self._phone.send_dtmf(digit)
+            await self._phone.press(digit)
+            await asyncio.sleep(0.1)
 
     @property
     def caller_sending(self) -> bool:
         return self.now() < self._said_until
 
     def heard(self) -> list[tuple[float, bool]]:
-        from transports.sip.caller import CODECS
-
-        decode = CODECS[self._phone.payload_type][2]
-        received = self._phone.received
-        for p in received[self._measured :]:  # each packet decoded once
-            if p.payload_type == self._phone.payload_type:
-                self._heard.append((p.arrival - self.t0, loud(decode(p.payload))))
-        self._measured = len(received)
+        if self._phone is not None and self._folder is not None:
+            self._heard += [(t - self.t0, loud(chunk)) for t, chunk in self._phone.heard()]
         return self._heard
 
     @property
     def ended(self) -> bool:
-        return self._phone is not None and self._phone.ended_by_peer.is_set()
+        return self._phone is not None and self._phone.ended
 
     async def close(self) -> None:
-        if self._phone is not None:
-            if not self.ended:
-                await self._phone.hang_up()
-            self._phone.close()
-        await self._wait_call_gone()
-        if self._server is not None:
-            await self._server.stop()
+        try:
+            if self._phone is not None:
+                self.heard()
+                await self._phone.close()
+            await self._wait_call_gone()
+        finally:
+            if self._server is not None:
+                await self._server.stop()
+            if self._folder is not None:
+                shutil.rmtree(self._folder, ignore_errors=True)
+                self._folder = None  # all that was heard has been read
 
 
 class WebRTCLine(Line):
@@ -359,11 +373,11 @@ class WebRTCLine(Line):
     rate = 48000
     POLL_SECS = 0.04
     CONNECT_TIMEOUT_SECS = 20.0
+    TAIL_SECS = 0.3
 
     @classmethod
     def adapt(cls, spec):
-        webrtc = spec.transports.webrtc.model_copy(update={"enabled": True})
-        return spec.model_copy(update={"transports": spec.transports.model_copy(update={"webrtc": webrtc})})
+        return _switched_on(spec, "webrtc")
 
     def __init__(self, runtime: AgentRuntime):
         super().__init__(runtime)
@@ -382,7 +396,10 @@ class WebRTCLine(Line):
         from .browser import Page, chromium
 
         host = await self._stack.enter_async_context(serving(create_app(self.runtime)))
-        devtools = await self._stack.enter_async_context(chromium())
+        # Host candidates as plain addresses rather than mDNS names: aioice resolves those through one lock
+        # per process that is bound to the first event loop using it, so a second run in another loop
+        # (asyncio.run per test) could not answer the offer. The call is local; nothing is hidden.
+        devtools = await self._stack.enter_async_context(chromium("--disable-features=WebRtcHideLocalIpsWithMdns"))
         self._page = await self._stack.enter_async_context(Page.open(devtools, f"http://{host}/"))
         await self._page.evaluate((Path(__file__).parent / "webrtc_caller.js").read_text())
         known = set(self.runtime.calls)
@@ -448,6 +465,11 @@ class WebRTCLine(Line):
             if self._poll is not None:
                 self._poll.cancel()
                 await asyncio.gather(self._poll, return_exceptions=True)
+                if self._state == "ended":
+                    # The agent hung up: the browser still plays out what its jitter buffer held.
+                    await asyncio.sleep(self.TAIL_SECS)
+                    with contextlib.suppress(Exception):
+                        await self._take()
                 if not self.ended:
                     with contextlib.suppress(Exception):
                         await self._page.evaluate("chromaCaller.hangUp()")

@@ -232,7 +232,7 @@ def _agent_event(kind: str, data: dict) -> tuple[str, dict] | None:
         return ("vad_start" if data.get("speaking") else "vad_stop"), {}
     if kind == "agent_text":
         return "agent_text", dict(data)
-    if kind in ("tool_call", "node", "dtmf_sent", "transferred"):
+    if kind in ("tool_call", "node", "dtmf_sent", "transferred", "transfer_failed"):
         return kind, dict(data)
     return None
 

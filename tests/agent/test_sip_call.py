@@ -4,7 +4,6 @@ placed by real SIP phones: SIPp (speech, an RFC 4733 key, BYE; and a 20-call loa
 
 import asyncio
 import random
-import re
 import resource
 import shutil
 import socket
@@ -21,6 +20,7 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
+from agent.testing.baresip import BARESIP, configure
 from processors.audio import ulaw_encode
 from tests.speech import requires_espeak, silence, synthesize
 from transports.sip.calls import sip_server
@@ -28,7 +28,6 @@ from transports.sip.calls import sip_server
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).parent / "sip_scenarios"
 SIPP = shutil.which("sipp")
-BARESIP = shutil.which("baresip")
 DTMF_PCAP = Path("/usr/share/sip-tester/dtmf_2833_5.pcap")
 HOST = "127.0.0.1"
 
@@ -184,31 +183,6 @@ def read_wav(path: Path) -> np.ndarray:
         return np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
 
 
-async def baresip_config(workdir: Path, wav: Path) -> Path:
-    """baresip's generated defaults, made headless: file microphone, null speaker, recordings on,
-    nothing listening beyond loopback."""
-    config_dir = workdir / "bs"
-    await run([BARESIP, "-f", str(config_dir), "-t", "1"], workdir, 20)
-    text = (config_dir / "config").read_text()
-    replace = {
-        r"^#?sip_listen.*$": f"sip_listen\t\t{HOST}:{free_port()}",
-        r"^audio_source.*$": f"audio_source\t\taufile,{wav}",
-        r"^audio_player.*$": "audio_player\t\talsa,null",
-        r"^audio_alert.*$": "audio_alert\t\talsa,null",
-        r"^#?snd_path.*$": f"snd_path\t\t{workdir / 'rec'}",
-        r"^#module\t+aufile\.so": "module\t\t\taufile.so",
-        r"^#module\t+sndfile\.so": "module\t\t\tsndfile.so",
-        r"^module\t+(stdio|stun|turn|ice)\.so": r"#module\t\t\t\1.so",
-        r"^(cons|http|ctrl_tcp)_listen.*$": rf"\1_listen\t\t{HOST}:0",
-    }
-    for pattern, value in replace.items():
-        text = re.sub(pattern, value, text, flags=re.M)
-    (config_dir / "config").write_text(text)
-    (config_dir / "accounts").write_text(f"<sip:caller@{HOST}>;regint=0;audio_codecs=PCMU\n")
-    (workdir / "rec").mkdir()
-    return config_dir
-
-
 @requires_espeak
 @pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (apt-get install baresip)")
 async def test_baresip_caller_hears_the_agent_answer(agent, tmp_path):
@@ -217,7 +191,7 @@ async def test_baresip_caller_hears_the_agent_answer(agent, tmp_path):
     wav = tmp_path / "caller8k.wav"
     # baresip hangs up when its file ends, so the silence after the question is the agent's time to answer.
     write_wav(wav, np.concatenate([silence(0.5, 8000), speech, silence(3.0, 8000)]), 8000)
-    config = await baresip_config(tmp_path, wav)
+    config = configure(tmp_path, wav)
 
     code, output = await run(
         [BARESIP, "-f", str(config), "-e", f"/dial sip:agent@{HOST}:{server.port}", "-t", "9"], tmp_path, 40

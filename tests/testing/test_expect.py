@@ -247,6 +247,13 @@ def test_not_transferred(scenario):
     assert wrong.detail == "transferred to +15550000000; expected +15551234567"
 
 
+def test_a_transfer_the_line_could_not_make_says_why(scenario):
+    refused = {"to": "+15551234567", "reason": "a webrtc call cannot be transferred"}
+    failed = only_failure(scenario, changed("transferred", kind="transfer_failed", data=refused))
+    assert failed.name == "call_transferred to +15551234567"
+    assert failed.detail == "the agent asked for +15551234567 at 9700 ms, but a webrtc call cannot be transferred"
+
+
 def test_dtmf_not_sent(scenario):
     failed = only_failure(scenario, changed("dtmf_sent", remove=True))
     assert failed.name == "dtmf_sent '1'"

@@ -4,14 +4,24 @@ fail the expectation that names what they broke, and only that one."""
 
 import asyncio
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from agent.runtime import AgentRuntime
+from agent.server import WRITE_TIMEOUT_SECS
+from agent.spec import load_agent
+from agent.testing.baresip import BARESIP
+from agent.testing.browser import CHROMIUM
 from agent.testing.command import EXIT_FAILED
+from agent.testing.lines import WebRTCLine
 from agent.testing.runner import ScenarioRunner
 from agent.testing.scenario import load_scenarios
-from tests.speech import requires_espeak
+from tests.speech import requires_espeak, synthesize
+
+requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+requires_baresip = pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (apt-get install baresip)")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +117,10 @@ def failed(result) -> list[str]:
 
 
 @requires_espeak
-@pytest.mark.parametrize("transport", ["inprocess", "twilio", "sip"])
+@pytest.mark.parametrize(
+    "transport",
+    ["inprocess", "twilio", pytest.param("sip", marks=requires_baresip), pytest.param("webrtc", marks=requires_chromium)],
+)
 def test_a_well_behaved_agent_passes_the_same_scenario_over_each_line(tmp_path, transport):
     result = run_once(write_case(tmp_path), transport)
     assert result.error is None, result.error
@@ -166,3 +179,56 @@ def test_a_bad_scenario_file_is_a_usage_error_naming_the_line(tmp_path, capsys):
     assert main(["test", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:4" in err and "dtmf" in err
+
+
+@requires_espeak
+@requires_chromium
+def test_a_browser_that_hangs_up_while_the_agent_ends_the_call_frees_the_call_promptly(tmp_path):
+    """The agent ends the call with its reply still going out, and the caller hangs up at the same moment:
+    the write the output had in flight is never taken, and must not hold the call for pipecat's 10 s."""
+    spec = WebRTCLine.adapt(load_agent(ROOT / "examples/agents/demo/agent.yaml", model="tiny"))
+
+    async def scenario() -> tuple[float, bool]:
+        runtime = AgentRuntime(spec)
+        line = WebRTCLine(runtime)
+        await line.open()
+        try:
+            await line.say(synthesize("Hi, where is my order?", line.rate))
+            for _ in range(500):  # until the browser hears the agent's reply
+                if any(loud for _t, loud in line.heard()):
+                    break
+                await asyncio.sleep(0.02)
+            assert line.call.service.speaking, "the reply should still be going out"
+            await line.call.hang_up()
+        finally:
+            hung_up = time.monotonic()
+            await line.close()  # the browser hangs up, then the line waits (10 s at most) for the call to go
+        return time.monotonic() - hung_up, line.call.stats.call_id in runtime.calls
+
+    took, still_on = asyncio.run(scenario())
+    assert not still_on
+    assert took < WRITE_TIMEOUT_SECS + 3
+
+
+KEYPAD = """
+agent: %(root)s/examples/agents/appointments/agent.yaml
+scenarios:
+  - name: keypad
+    script: %(root)s/examples/scenarios/appointments_script.py:book_by_keypad
+    turns:
+      - silence_ms: 4000
+      - dtmf: "1"
+        expect: [{event: node_reached, node: ask_date}]
+"""
+
+
+@pytest.mark.parametrize(
+    "transport",
+    ["twilio", pytest.param("sip", marks=requires_baresip), pytest.param("webrtc", marks=requires_chromium)],
+)
+def test_a_key_pressed_at_the_callers_end_reaches_the_flow(tmp_path, transport):
+    (tmp_path / "keypad.yaml").write_text(KEYPAD % {"root": ROOT})
+    result = run_once(load_scenarios(tmp_path / "keypad.yaml"), transport)
+    assert result.error is None, result.error
+    assert failed(result) == []
+    assert [e.data for e in result.events if e.kind == "caller_dtmf"] == [{"digits": "1"}]
