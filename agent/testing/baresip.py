@@ -4,7 +4,7 @@ up, and its recording of what it decoded is read while the call goes on.
     phone = await Baresip.start(folder, "sip:agent@127.0.0.1:5060")
     started = await phone.play(wav)     # switches the microphone to `wav`; monotonic time it began
     await phone.press("1")
-    phone.heard()                       # [(monotonic time, int16 20 ms chunk)] decoded since the last call
+    phone.heard()                       # [(monotonic time, int16 20 ms chunk)] decoded since the last look
     phone.ended                         # the far end hung up
     await phone.close()                 # hang up if still on, quit
 
@@ -111,7 +111,9 @@ class Baresip:
         self._data_at = 0
         self._read_bytes = 0
         self._last_read = time.monotonic()
+        self._heard: list[tuple[float, np.ndarray]] = []
         self._events = asyncio.create_task(self._read_events())
+        self._watch = asyncio.create_task(self._watch_recording())
 
     @classmethod
     async def start(cls, folder: Path, uri: str) -> Baresip:
@@ -200,14 +202,23 @@ class Baresip:
         await self.command("sndcode", digit)
 
     def heard(self) -> list[tuple[float, np.ndarray]]:
-        """The 20 ms chunks decoded since the last call, each stamped with when it arrived: chunks written
-        since the last look are spaced 20 ms apart back from now, and none before that look."""
-        now = time.monotonic()
-        fresh = self._read_recording()
-        chunks = [fresh[i : i + CHUNK] for i in range(0, len(fresh) - CHUNK + 1, CHUNK)]
-        stamped = [(max(self._last_read, now - (len(chunks) - 1 - i) * 0.02), c) for i, c in enumerate(chunks)]
-        self._last_read = now
-        return stamped
+        """The 20 ms chunks decoded since the last call, each stamped with the monotonic time it arrived."""
+        taken, self._heard = self._heard, []
+        return taken
+
+    async def _watch_recording(self) -> None:
+        # Looked at every 20 ms whatever the caller is doing, so each chunk's stamp is fresh: the chunks
+        # written since the last look are spaced 20 ms apart back from now, none before that look.
+        while True:
+            now = time.monotonic()
+            fresh = self._read_recording()
+            count = len(fresh) // CHUNK
+            self._heard += [
+                (max(self._last_read, now - (count - 1 - i) * 0.02), fresh[i * CHUNK : (i + 1) * CHUNK])
+                for i in range(count)
+            ]
+            self._last_read = now
+            await asyncio.sleep(0.02)
 
     def _read_recording(self) -> np.ndarray:
         if self._recording is None:
@@ -239,11 +250,12 @@ class Baresip:
         with contextlib.suppress(Exception):
             await self.command("quit")
         try:
-            await asyncio.wait_for(self._process.wait(), 5.0)
-        except TimeoutError:
-            logger.warning("baresip did not quit; killing it")
+            await asyncio.wait_for(self._process.wait(), 3.0)
+        except TimeoutError:  # it waits out the transactions of a call that never connected
+            logger.debug("baresip did not quit in 3 s; killing it")
             self._process.kill()
             await self._process.wait()
+        self._watch.cancel()
         self._events.cancel()
-        await asyncio.gather(self._events, return_exceptions=True)
+        await asyncio.gather(self._watch, self._events, return_exceptions=True)
         self._writer.close()
