@@ -136,6 +136,15 @@ class ToolSpec(BaseModel):
         return list(self.fields) if isinstance(self.fields, dict) else list(self.fields)
 
 
+LOCAL_MODULES = "_chroma_flow_tools."  # sys.modules prefix of tool modules loaded from a flow's folder
+
+
+def forget_local_modules() -> None:
+    """The next load of a flow's local tool modules runs them anew (a conversation test's fresh run)."""
+    for name in [n for n in sys.modules if n.startswith(LOCAL_MODULES)]:
+        del sys.modules[name]
+
+
 def load_python(ref: str, base: Path) -> Callable:
     """The function `module:function` names; a module file under `base` (the flow's folder) wins over
     an importable module of the same name. Raises ImportError or AttributeError with the reason."""
@@ -143,7 +152,7 @@ def load_python(ref: str, base: Path) -> Callable:
     local = base.joinpath(*module_name.split(".")).with_suffix(".py")
     if local.is_file():
         # Loaded under a name of its own so that two flows' `tools.py` do not replace each other.
-        key = f"_chroma_flow_tools.{abs(hash(str(local.resolve())))}.{module_name}"
+        key = f"{LOCAL_MODULES}{abs(hash(str(local.resolve())))}.{module_name}"
         module = sys.modules.get(key)
         if module is None:
             spec = importlib.util.spec_from_file_location(key, local)

@@ -25,11 +25,12 @@ import shutil
 import socket
 import subprocess
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 from loguru import logger
+
+from ..wavfile import write_wav
 
 BARESIP = shutil.which("baresip")
 RATE = 8000  # PCMU
@@ -48,12 +49,8 @@ def _free_port(kind: int) -> int:
         return sock.getsockname()[1]
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.astype("<i2").tobytes())
+def write_pcm(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
+    write_wav(path, samples.astype(np.float32) / 32768.0, rate)
     return path
 
 
@@ -96,6 +93,8 @@ def _netstring(message: dict) -> bytes:
 
 
 class Baresip:
+    """One baresip process placing one call; made by `start()`."""
+
     def __init__(self, folder: Path, silence: Path, process: asyncio.subprocess.Process, reader, writer):
         self.folder = folder
         self.silence = silence
@@ -119,7 +118,7 @@ class Baresip:
     async def start(cls, folder: Path, uri: str) -> Baresip:
         """Start baresip in `folder` and dial `uri`; returns once the call is answered."""
         ctrl_port = _free_port(socket.SOCK_STREAM)
-        silence = write_wav(folder / "silence.wav", np.zeros(RATE * SILENCE_SECS, np.int16))
+        silence = write_pcm(folder / "silence.wav", np.zeros(RATE * SILENCE_SECS, np.int16))
         config = await asyncio.to_thread(configure, folder, silence, ctrl_port=ctrl_port)
         log = (folder / "baresip.log").open("wb")
         process = await asyncio.create_subprocess_exec(

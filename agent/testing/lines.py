@@ -317,11 +317,11 @@ class SipLine(Line):
         self.call = await self._find_call(known)
 
     async def say(self, pcm: np.ndarray) -> tuple[float, float]:
-        from .baresip import write_wav
+        from .baresip import write_pcm
 
         self._utterances += 1
         padded = np.concatenate([pcm.astype(np.int16), np.zeros(int(self.PAD_SECS * self.rate), np.int16)])
-        wav = write_wav(self._folder / f"say{self._utterances}.wav", padded, self.rate)
+        wav = write_pcm(self._folder / f"say{self._utterances}.wav", padded, self.rate)
         started = await self._phone.play(wav) - self.t0
         end = started + len(pcm) / self.rate
         self._said_until = end

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from flows.tools import forget_local_modules
+
 from ..runtime import AgentRuntime, model_source
 from ..spec import load_agent
 from .events import Event, RunResult
@@ -66,6 +68,9 @@ class ScenarioRunner:
         caller_events: list[Event] = []
         error = None
         try:
+            # Every run starts as the first did: state a run left in the flow's own tool modules (a slot
+            # it booked) must not steer the next.
+            forget_local_modules()
             spec = load_agent(self.agent_path(file), model=self.model_override)
             model = self.model_for(spec)
             line_class = LINES.get(transport)

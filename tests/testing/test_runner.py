@@ -232,3 +232,19 @@ def test_a_key_pressed_at_the_callers_end_reaches_the_flow(tmp_path, transport):
     assert result.error is None, result.error
     assert failed(result) == []
     assert [e.data for e in result.events if e.kind == "caller_dtmf"] == [{"digits": "1"}]
+
+
+def test_each_run_loads_the_flows_tool_modules_anew(tmp_path):
+    """A run must not see what an earlier one left in a tool module (here: a lookup that works once)."""
+    case = write_case(tmp_path)
+    (tmp_path / "tools.py").write_text(
+        "looked_up = []\n\n"
+        "def lookup_order(order_id):\n"
+        "    if looked_up:\n"
+        "        raise RuntimeError('this module has already looked an order up')\n"
+        "    looked_up.append(order_id)\n"
+        "    return {'status': 'shipped'}\n"
+    )
+    first, second = run_once(case), run_once(case)
+    assert failed(first) == []
+    assert failed(second) == []
