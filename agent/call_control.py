@@ -48,14 +48,14 @@ class PipelineCallControl:
             transfer = getattr(self.call.transport, "transfer", None)
             if transfer is None:
                 reason = f"a {self.call.stats.kind} call cannot be transferred"
-            elif await transfer(target):
+            elif not await transfer(target):
+                reason = "the transfer was not accepted"
+            else:
                 self.call.transferred_to = target
                 self.call.note("transferred", to=target)
                 logger.info(f"call {self.call.stats.call_id}: transferred to {target}")
                 await self._end()
                 return
-            else:
-                reason = "the transfer was not accepted"
             self.call.note("transfer_failed", to=target, reason=reason)
             logger.error(f"call {self.call.stats.call_id}: not transferred to {target}: {reason}; staying on")
 
