@@ -119,7 +119,8 @@ class AgentRuntime:
         if self.stand_in:
             logger.warning(STAND_IN_NOTICE)
         self.voice = spec.voice_profile
-        self._voices = {spec.voice: self.voice}  # by folder: each voice is read and checked once per process
+        # by folder: each voice is read and checked once per process
+        self._voices = {spec.voice: self.voice, **spec.flow_voices}
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
 

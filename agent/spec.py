@@ -65,6 +65,22 @@ def _base(info: ValidationInfo) -> Path:
     return (info.context or {}).get("base") or Path.cwd()
 
 
+def _flow_voices(flow: FlowFile, value: str, library: Path | None) -> dict[str, Voice]:
+    """Each voice a flow node names, loaded now: a missing voice fails the agent file, not a call."""
+    voices, problems = {}, []
+    for node, ref in flow.voices.items():
+        try:
+            folder = VoiceLibrary(library).resolve(ref)
+            voices[str(folder)] = load_voice(folder)
+        except LibraryError as exc:
+            problems.append(f"node {node!r}: voice: {exc}")
+        except VoiceError as exc:
+            problems.append(f"node {node!r}: voice {ref!r} cannot be used: " + "; ".join(exc.problems))
+    if problems:
+        raise _problem(f"{_show(value)}: " + "; ".join(problems))
+    return voices
+
+
 def _resolve_model(value: str, base: Path) -> str:
     """'tiny', a Hugging Face id, or the absolute path of an existing checkpoint folder."""
     if value == "tiny":
@@ -260,6 +276,7 @@ class AgentSpec(_Section):
     _voice: Voice | None = PrivateAttr(None)
     _library: Path | None = PrivateAttr(None)
     _flow: FlowFile | None = PrivateAttr(None)
+    _flow_voices: dict[str, Voice] = PrivateAttr(default_factory=dict)
 
     @property
     def voice_folder(self) -> Path:
@@ -315,7 +332,13 @@ class AgentSpec(_Section):
             raise _problem(f"{_show(value)}: the flow file has problems:\n  " + str(exc).replace("\n", "\n  ")) from None
         if info.context is not None:
             info.context["flow"] = flow
+            info.context["flow_voices"] = _flow_voices(flow, value, info.context.get("library"))
         return str(path)
+
+    @property
+    def flow_voices(self) -> dict[str, Voice]:
+        """The voices the flow's nodes speak in, by absolute folder, loaded and checked with the file."""
+        return self._flow_voices
 
     @property
     def flow_file(self) -> FlowFile | None:
@@ -330,6 +353,7 @@ class AgentSpec(_Section):
         self._voice = context.get("voice")
         self._library = context.get("library")
         self._flow = context.get("flow")
+        self._flow_voices = context.get("flow_voices", {})
         return self
 
     @property

@@ -10,7 +10,8 @@ What the file adds to pipecat's format, none of which pipecat itself sees:
 
 - `tools:` the tools the nodes' functions name (see `flows.tools`); a function entry that is not
   `transition_only` names one of them;
-- per node, `voice:` (a voice from the library) and `collect_dtmf:` (see `flows.dtmf`);
+- per node, `voice:` (a voice name from the library, or a voice folder relative to the flow file)
+  and `collect_dtmf:` (see `flows.dtmf`);
 - the actions `end_call`, `transfer_call`, `send_dtmf`, `play` and `say` (see `flows.actions`);
 - `state:` initial values for `{{ placeholders }}` (the call side may add more at the start).
 
@@ -28,6 +29,9 @@ from typing import Any
 from pipecat.flows import FlowConfig
 from pydantic import ConfigDict, Field, StrictStr, ValidationError, field_validator
 
+from voices.library import voice_path
+from voices.profile import PROFILE_FILE
+
 from .actions import check_action
 from .dtmf import DtmfSpec
 from .problems import FlowFileError, Lines, Loc, Problem, dotted, from_validation, read_mapping, show
@@ -44,7 +48,9 @@ class NodeSpec(FlowConfig.Node):
 
     model_config = ConfigDict(extra="forbid")
 
-    voice: StrictStr | None = Field(None, min_length=1, description="Voice name from the voice library.")
+    voice: StrictStr | None = Field(
+        None, min_length=1, description="A voice name from the voice library, or a voice folder relative to the flow file."
+    )
     collect_dtmf: DtmfSpec | None = Field(None, description="Collect keypad digits and route on them.")
 
     @field_validator("voice")
@@ -63,7 +69,7 @@ class FlowFile:
     config: FlowConfig
     tools: dict[str, ToolSpec]
     functions: dict[str, Callable] = field(default_factory=dict)  # Python tools, by tool name
-    voices: dict[str, str] = field(default_factory=dict)  # node -> voice name
+    voices: dict[str, str] = field(default_factory=dict)  # node -> library name or absolute voice folder
     dtmf: dict[str, DtmfSpec] = field(default_factory=dict)  # node -> how it collects digits
     state: dict[str, Any] = field(default_factory=dict)  # initial values of state
 
@@ -222,7 +228,19 @@ class _Checker:
         except ValidationError as exc:
             self.problems += from_validation(exc, loc)
         else:
-            self.nodes[name] = node.model_copy(update={"functions": functions, "collect_dtmf": dtmf})
+            voice = self._voice_folder(node.voice, (*loc, "voice"))
+            self.nodes[name] = node.model_copy(update={"functions": functions, "collect_dtmf": dtmf, "voice": voice})
+
+    def _voice_folder(self, ref: str | None, loc: Loc) -> str | None:
+        """A voice folder written as a path, made absolute (relative to the flow file) and checked;
+        a library name is kept as it is: the agent's library resolves it."""
+        folder = voice_path(ref, self.base) if ref else None
+        if folder is None:
+            return ref
+        if not (folder / PROFILE_FILE).is_file():
+            self.problem(loc, f"{ref!r} is not a voice folder (looked for {folder / PROFILE_FILE}); expected a "
+                              "folder holding voice.yaml, or a voice name from the library")
+        return str(folder)
 
     def _functions(self, raw: Any, loc: Loc) -> list[FlowConfig.Function]:
         if not isinstance(raw, list):

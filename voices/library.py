@@ -52,6 +52,14 @@ class Entry:
         return f"{len(self.problems)} problem{'s' if len(self.problems) > 1 else ''}"
 
 
+def voice_path(ref: str, base: Path | None = None) -> Path | None:
+    """The absolute folder a voice reference written as a path means (relative to `base`), or None
+    when it is a library name."""
+    if "/" in ref or "\\" in ref or ref.startswith((".", "~")):
+        return ((base or Path.cwd()) / Path(ref).expanduser()).resolve()
+    return None
+
+
 class VoiceLibrary:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_library()
@@ -77,8 +85,8 @@ class VoiceLibrary:
     def resolve(self, ref: str, base: Path | None = None) -> Path:
         """The folder a voice reference means: a path (it has a '/' or starts with '.' or '~'), relative
         to `base`, or else a name in this library."""
-        if "/" in ref or "\\" in ref or ref.startswith((".", "~")):
-            folder = ((base or Path.cwd()) / Path(ref).expanduser()).resolve()
+        folder = voice_path(ref, base)
+        if folder is not None:
             if not folder.is_dir():
                 raise LibraryError(f"{ref!r} is not a folder (looked for {folder}); expected a voice folder "
                                    f"holding {PROFILE_FILE}")

@@ -366,3 +366,24 @@ def test_a_voice_without_consent_fails_the_agent_file(folder):
     message = str(problems(path))
     assert message.startswith(f"{path}:2: voice: './voice' cannot be used: {profile.resolve()}:")
     assert "consent: missing; a voice loads only with a consent record" in message
+
+
+def test_the_voices_a_flow_names_load_with_the_agent_and_a_missing_one_fails_the_file(folder, tmp_path_factory):
+    library = tmp_path_factory.mktemp("library")
+    shutil.copytree(folder / "voice", library / "ava")
+    flows = folder / "flows"
+    flows.mkdir()
+    node = "    task_messages: [{role: developer, content: hello}]\n"
+    (flows / "flow.yaml").write_text(
+        f"initial_node: a\nnodes:\n  a:\n    voice: ava\n{node}  b:\n    voice: ../voice\n{node}"
+    )
+    spec = load_agent(write(folder, BASE + "flow: flows/flow.yaml\n"), library=library)
+    assert set(spec.flow_voices) == {str(library / "ava"), str(folder / "voice")}
+    assert all(v.name == "demo" for v in spec.flow_voices.values())
+
+    (flows / "flow.yaml").write_text(f"initial_node: a\nnodes:\n  a:\n    voice: leo\n{node}")
+    path = write(folder, BASE + "flow: flows/flow.yaml\n")
+    assert str(problems(path, library=library)) == (
+        f"{path}:5: flow: 'flows/flow.yaml': node 'a': voice: no voice 'leo' in the library at {library} "
+        "(voices there: ava); add one with `chroma-agent voice add`"
+    )

@@ -28,7 +28,6 @@ def test_the_example_flows_load_and_pipecat_sees_only_its_own_format():
     booking = load_flow(EXAMPLES / "appointments" / "flow.yaml")
     assert service.config.initial_node == "greet"
     assert service.functions["find_customer"].__name__ == "find_customer"
-    assert service.voices == {"greet": "demo"}
     assert service.dtmf["greet"].default == "keyed_account"
     assert service.tools["lookup_order"].http.url.endswith("/orders/{{ order_id }}")
     transfer = service.config.nodes["transfer"].pre_actions
@@ -361,4 +360,21 @@ def test_names_that_are_not_text_are_problems_not_crashes(tmp_path):
         f"{path}:1: initial_node: a list is not a node; expected one of 2",
         f"{path}:2: state.1: 1 is not allowed as a state name; expected letters, digits and _",
         f"{path}:4: nodes.2: 2 is not allowed as a node name; expected text",
+    ]
+
+
+def test_a_node_voice_folder_is_relative_to_the_flow_file_and_must_hold_a_voice(tmp_path):
+    (tmp_path / "voices" / "ava").mkdir(parents=True)
+    (tmp_path / "voices" / "ava" / "voice.yaml").write_text("name: ava\n")
+    (tmp_path / "voices" / "empty").mkdir()
+    node = "    task_messages: [{role: developer, content: hello}]\n"
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    good = write(flows, f"initial_node: a\nnodes:\n  a:\n    voice: ../voices/ava\n{node}  b:\n    voice: leo\n{node}")
+    assert load_flow(good).voices == {"a": str(tmp_path / "voices" / "ava"), "b": "leo"}  # a name: the library's
+    bad = write(flows, f"initial_node: a\nnodes:\n  a:\n    voice: ../voices/empty\n{node}", "bad.yaml")
+    assert problems(bad) == [
+        f"{bad}:4: nodes.a.voice: '../voices/empty' is not a voice folder (looked for "
+        f"{tmp_path / 'voices' / 'empty' / 'voice.yaml'}); expected a folder holding voice.yaml, or a voice name "
+        "from the library"
     ]

@@ -17,7 +17,7 @@ from loguru import logger
 from .message import SipRequest, SipResponse, new_branch
 from .sdp import SdpError
 from .transaction import Address, ServerTransaction
-from .values import SipParseError
+from .values import SipParseError, SipUri
 
 if TYPE_CHECKING:
     from .server import SipServer
@@ -294,8 +294,7 @@ class Dialog:
         if self.ended or not self.confirmed:
             logger.warning("REFER on call {} skipped: the dialog is not confirmed", self.call_id)
             return False
-        refer_to = target if target.startswith("<") else f"<{target}>"
-        request = self.new_request("REFER", [("Refer-To", refer_to), ("Referred-By", self.local_contact)])
+        request = self.new_request("REFER", [("Refer-To", self.refer_to(target)), ("Referred-By", self.local_contact)])
         response = await self.send_request(request)
         if response is None:
             logger.warning("REFER to {} on call {} got no answer", target, self.call_id)
@@ -309,6 +308,17 @@ class Dialog:
                 response.reason,
             )
         return 200 <= response.status < 300
+
+    def refer_to(self, target: str) -> str:
+        """The Refer-To value for `target`: a SIP URI as given, or an E.164 number (`+15550100200`)
+        as a phone number at the caller's domain, which is where a trunk routes its own numbers."""
+        if target.startswith("+"):
+            try:
+                domain = SipUri.parse(self.invite.from_.uri).host
+            except SipParseError:  # a tel: From has no domain; the trunk's address stands in
+                domain = self.remote_addr[0]
+            target = f"sip:{target}@{domain};user=phone"
+        return target if target.startswith("<") else f"<{target}>"
 
     def close(self) -> None:
         """Stop the timers; the server has removed the dialog."""

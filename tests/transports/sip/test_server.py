@@ -246,6 +246,17 @@ async def test_refer_sends_refer_to_and_reports_2xx(setup):
     assert await asyncio.wait_for(refer, WAIT) is True
 
 
+async def test_refer_to_a_phone_number_names_it_at_the_callers_domain(setup):
+    server, handler, caller = setup
+    await caller.call()
+    await asyncio.wait_for(handler.started.wait(), WAIT)
+    refer = asyncio.create_task(server.dialogs["call-1"].refer("+15550100200"))
+    request = await caller.recv()
+    assert request.header("Refer-To") == "<sip:+15550100200@127.0.0.1;user=phone>"
+    caller.send(answer_to(request, 202))
+    assert await asyncio.wait_for(refer, WAIT) is True
+
+
 async def test_options_answered_with_allow_and_accept(setup):
     server, handler, caller = setup
     caller.send(caller.request("OPTIONS", "ping"))
