@@ -15,7 +15,7 @@ from typing import Any
 EVENT_KINDS = {
     "caller_speech_start",  # data: {"text": str} or {"wav": str}; {"silence": True} for a silence turn
     "caller_speech_end",
-    "caller_dtmf",  # data: {"digits": str}
+    "caller_dtmf",  # data: {"digits": str}; at the last key's press
     "agent_audio_start",  # first non-silent agent audio of one agent reply, at the wire
     "agent_audio_end",  # last non-silent agent audio of that reply
     "vad_start",  # the agent side's VAD, when the transport can observe it

@@ -147,8 +147,12 @@ async def _play(line: Line, scenario: Scenario, events: list[Event]) -> None:
             note(end, "caller_speech_end", index, **data)
             last_caller = end
         elif turn.kind == "dtmf":
+            # Stamped at the last key, as speech is at its end: the agent can only act once the
+            # input is complete ("1234#"), so the keys before it are not the agent's latency.
+            if len(turn.digits) > 1:
+                await line.press(turn.digits[:-1])
             note(line.now(), "caller_dtmf", index, digits=turn.digits)
-            await line.press(turn.digits)
+            await line.press(turn.digits[-1])
             last_caller = line.now()
         elif turn.kind == "silence":
             note(line.now(), "caller_speech_start", index, silence=True)

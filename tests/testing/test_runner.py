@@ -248,3 +248,35 @@ def test_each_run_loads_the_flows_tool_modules_anew(tmp_path):
     first, second = run_once(case), run_once(case)
     assert failed(first) == []
     assert failed(second) == []
+
+
+class KeypadOnly:
+    """A line with a quiet agent that only takes key presses: when each key went."""
+
+    ended = False
+
+    def __init__(self):
+        self.started, self.pressed = time.monotonic(), []
+
+    def now(self):
+        return time.monotonic() - self.started
+
+    def agent_busy(self):
+        return False
+
+    async def press(self, digits):
+        for digit in digits:
+            self.pressed.append((self.now(), digit))
+            await asyncio.sleep(0.1)
+
+
+def test_a_keyed_entry_is_stamped_at_its_last_key_so_time_to_first_audio_starts_there(tmp_path):
+    from agent.testing.runner import _play
+
+    (tmp_path / "keys.yaml").write_text('scenarios:\n  - name: keys\n    turns:\n      - dtmf: "1234#"\n')
+    line, events = KeypadOnly(), []
+    asyncio.run(_play(line, load_scenarios(tmp_path / "keys.yaml").scenarios[0], events))
+    assert "".join(d for _, d in line.pressed) == "1234#"
+    [entry] = [e for e in events if e.kind == "caller_dtmf"]
+    assert entry.data == {"digits": "1234#"}
+    assert abs(entry.t_ms - 1000 * line.pressed[-1][0]) < 20  # the "#", not the "1" 0.4 s before it
