@@ -132,7 +132,7 @@ def write(tmp_path, text, name="flow.yaml"):
     return path
 
 
-async def test_the_first_node_gives_the_model_its_role_task_tools_and_voice():
+async def test_the_first_node_gives_the_model_its_role_task_and_tools():
     call = Call(EXAMPLES / "customer_service" / "flow.yaml")
     await call.start()
     settings = [f for f in call.worker.frames if isinstance(f, LLMUpdateSettingsFrame)]
@@ -148,7 +148,7 @@ async def test_the_first_node_gives_the_model_its_role_task_tools_and_voice():
     }
     assert tools["find_customer"].description.startswith("Find the caller's customer account")
     assert isinstance(call.worker.frames[-1], LLMRunFrame)
-    assert call.control.requests == [("set_voice", "demo")]
+    assert call.control.requests == []  # the node names no voice: the agent's own stays
     assert call.manager.current_node == "greet"
 
 
@@ -213,7 +213,7 @@ async def test_transfer_node_runs_its_actions_in_order_through_the_call():
     await call.model_calls("transfer_to_human")
     assert call.manager.current_node == "transfer"
     chime = EXAMPLES / "customer_service" / "audio" / "transfer_chime.wav"
-    assert call.control.requests[1:] == [
+    assert call.control.requests == [
         ("say", "I'll pass you to a colleague now. Please hold."),
         ("play", chime.resolve()),
         ("transfer", "+15550100200"),
