@@ -1,8 +1,9 @@
 """A call's side of a flow's telephony actions (`flows.actions.CallControl`), on the call's pipeline.
 
 Each action is queued at the top of the pipeline as a `CallActionFrame`, so it takes its turn after
-the replies asked for before it: a node's `say` follows the reply before it, and `end_call` waits for
-the goodbye. The engine service carries it out (processors/chroma/service.py).
+the replies asked for before it: a node's `say` follows the reply before it, and hang-up, transfer
+and DTMF wait until the audio before them has been played out at the caller's end. The engine
+service carries it out (processors/chroma/service.py).
 """
 
 from __future__ import annotations

@@ -223,7 +223,10 @@ class Call:
                 self.aggregators.user(),
                 self.service,
                 transport.output(),
-                PlayoutTracker(unplayed=getattr(transport.output(), "unplayed_seconds", None)),
+                PlayoutTracker(
+                    unplayed=getattr(transport.output(), "unplayed_seconds", None),
+                    wait_played=getattr(transport.output(), "wait_played", None),
+                ),
                 self.aggregators.assistant(),
             ]
         )

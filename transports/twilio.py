@@ -298,7 +298,7 @@ class TwilioOutputTransport(BaseOutputTransport):
         await self._mark_unmarked()
         t = self._transport
         if not t.caller_stopped:
-            await self._wait_played()
+            await self.wait_played()
             if not t.caller_stopped and not t.transferred:
                 # Closing alone would resume the caller's TwiML after <Connect>; hang up explicitly
                 # (not after a transfer: the call now belongs to the <Dial>).
@@ -377,7 +377,7 @@ class TwilioOutputTransport(BaseOutputTransport):
         messages = self._transport.state.outbound_media(pcm)
         await self._transport.send(messages[-1])
 
-    async def _wait_played(self):
+    async def wait_played(self):
         """Until Twilio has echoed every mark (all sent audio played), bounded by the estimated playback."""
         deadline = time.monotonic() + self.queued_seconds() + DRAIN_GRACE_SECS
         state = self._transport.state

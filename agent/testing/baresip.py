@@ -37,6 +37,9 @@ RATE = 8000  # PCMU
 CHUNK = RATE // 50  # samples per 20 ms packet
 SILENCE_SECS = 600  # the microphone's idle file; the call would end when it ran out
 START_TIMEOUT_SECS = 15.0
+# How long baresip sends one key for (RFC 4733 events over about 240 ms, end packets included). Keys
+# pressed faster wait in its queue, so a key's press time would no longer be when it went out.
+KEY_SECS = 0.25
 
 
 class BaresipUnavailable(RuntimeError):

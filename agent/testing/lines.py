@@ -332,9 +332,11 @@ class SipLine(Line):
         return started, end
 
     async def press(self, digits: str) -> None:
+        from .baresip import KEY_SECS
+
         for digit in digits:
             await self._phone.press(digit)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(KEY_SECS)
 
     @property
     def caller_sending(self) -> bool:

@@ -52,10 +52,13 @@ from pipecat.services.settings import LLMSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from ..audio import StreamResampler
-from ..playout import AudioPlayedFrame
+from ..playout import AudioPlayedFrame, PlayedOutFrame
 from .config import LISTEN_RATE, SAMPLE_RATE
 
 FRAME_SECONDS = 0.08  # one Chroma audio frame
+# How long past the estimated end of the agent's audio a call action waits to hear it was played out
+# (a transport's lead and a far end's jitter buffer fit well inside it).
+PLAYED_OUT_GRACE_SECS = 3.0
 
 
 @dataclass
@@ -64,8 +67,8 @@ class CallActionFrame(ControlFrame):
     after the replies asked for before it (a node's post_actions run before its reply has started).
 
     `say`: speak this text in the agent's voice, after the replies before it. `audio`: play this 16-bit
-    mono PCM at `rate`, likewise. `when_quiet`: run this once nothing is being said or waits to be
-    (hang up, transfer, send DTMF); a barge-in does not cancel it."""
+    mono PCM at `rate`, likewise. `when_quiet`: run this once nothing is being said or waits to be,
+    and what was said has been played out (hang up, transfer, send DTMF); a barge-in does not cancel it."""
 
     say: str | None = None
     audio: bytes | None = None
@@ -135,6 +138,8 @@ class ChromaS2SService(LLMService):
         self._context = context
         self._calls: dict[str, object] = {}  # tool calls made and not yet answered, by id
         self._pending_actions: set[asyncio.Task] = set()
+        self._playing_until = 0.0  # monotonic time the audio pushed so far should finish playing
+        self._played_out_markers: list[PlayedOutFrame] = []
         session.on_tool_call = self._tool_call
         self.sent_text = ""
         for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped",
@@ -373,13 +378,35 @@ class ChromaS2SService(LLMService):
         await self.push_frame(TTSStoppedFrame())
 
     async def _when_quiet(self, action: Callable[[], Awaitable[None]]) -> None:
-        """Run `action` once no reply is being generated or queued (replies queued later do not count)."""
+        """Run `action` once no reply is being generated or queued (replies queued later do not count)
+        and what was said has been played out: a transfer must not cut its own "please hold"."""
         while (task := self._reply_task) is not None and not task.done():
             await asyncio.wait({task})
+        await self._played_out()
         try:
             await action()
         except Exception:
             logger.exception(f"{self}: call action failed")
+
+    async def _played_out(self) -> None:
+        """Return once the audio pushed so far has been played out, a barge-in dropped it, or it is
+        well past when it should have finished (an output that lost the marker must not hold the call)."""
+        marker = PlayedOutFrame()
+        self._played_out_markers.append(marker)
+        try:
+            await self.push_frame(marker)
+            deadline = max(0.0, self._playing_until - time.monotonic()) + PLAYED_OUT_GRACE_SECS
+            await asyncio.wait_for(marker.reached.wait(), timeout=deadline)
+        except TimeoutError:
+            logger.warning(f"{self}: no word that the audio was played out; going on")
+        finally:
+            self._played_out_markers.remove(marker)
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        if isinstance(frame, TTSAudioRawFrame):
+            seconds = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+            self._playing_until = max(self._playing_until, time.monotonic()) + seconds
+        await super().push_frame(frame, direction)
 
     async def end_call(self) -> None:
         """Hang up once what has been said is played out: pushed downstream, behind the reply's audio,
@@ -397,6 +424,9 @@ class ChromaS2SService(LLMService):
         await self.push_frame(spoken)
 
     async def _barge_in(self) -> None:
+        for marker in self._played_out_markers:  # dropped with the audio: nothing more will play
+            marker.reached.set()
+        self._playing_until = time.monotonic()
         if self._reply_task is None:
             return
         generating = not self._reply_task.done()

@@ -280,3 +280,56 @@ def test_a_keyed_entry_is_stamped_at_its_last_key_so_time_to_first_audio_starts_
     [entry] = [e for e in events if e.kind == "caller_dtmf"]
     assert entry.data == {"digits": "1234#"}
     assert abs(entry.t_ms - 1000 * line.pressed[-1][0]) < 20  # the "#", not the "1" 0.4 s before it
+
+
+TRANSFER_FLOW = """
+initial_node: start
+nodes:
+  start:
+    respond_immediately: false
+    task_messages: [{role: developer, content: Help the caller.}]
+    functions:
+      - {name: transfer_to_human, transition_only: true, description: The caller wants a person., transition_to: transfer}
+  transfer:
+    respond_immediately: false
+    task_messages: [{role: developer, content: Say nothing more.}]
+    pre_actions:
+      - {type: say, text: "I'll pass you to a colleague now. Please hold."}
+      - {type: play, wav: chime.wav}
+      - {type: transfer_call, to: "+15550100200"}
+"""
+
+TRANSFER_SCENARIO = """
+agent: agent.yaml
+scenarios:
+  - name: transfer
+    script: script.py:turns
+    turns:
+      - user: "Can I talk to a person, please?"
+    expect:
+      - {event: call_transferred, to: "+15550100200"}
+"""
+
+
+@requires_espeak
+@pytest.mark.parametrize("transport", ["inprocess", "twilio"])
+def test_a_transfer_waits_until_the_caller_has_heard_what_comes_before_it(tmp_path, transport):
+    """On a real line a transfer takes the caller away at once: the "please hold" and the chime before it
+    must have been played out first, not merely generated."""
+    (tmp_path / "flow.yaml").write_text(TRANSFER_FLOW)
+    (tmp_path / "chime.wav").write_bytes((ROOT / "examples/flows/customer_service/audio/transfer_chime.wav").read_bytes())
+    (tmp_path / "script.py").write_text(
+        "from processors.chroma.scripted import Call\nturns = [[Call('transfer_to_human', {})]]\n"
+    )
+    (tmp_path / "agent.yaml").write_text(
+        f"name: transfer agent\nmodel: tiny\nvoice: {ROOT / 'examples/voices/demo'}\nflow: flow.yaml\n"
+        "turn: {detector: silence, silence_secs: 0.4}\nresponse: {max_seconds: 4}\n"
+    )
+    (tmp_path / "transfer.yaml").write_text(TRANSFER_SCENARIO)
+    result = run_once(load_scenarios(tmp_path / "transfer.yaml"), transport)
+    assert result.error is None, result.error
+    assert failed(result) == []
+    transferred = next(e.t_ms for e in result.events if e.kind == "transferred")
+    heard_until = max(e.t_ms for e in result.events if e.kind == "agent_audio_end")
+    assert heard_until > 1000  # the say and the chime were heard at all
+    assert transferred >= heard_until - 100, f"transferred at {transferred:.0f} ms, audio heard until {heard_until:.0f} ms"
