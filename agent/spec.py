@@ -65,13 +65,19 @@ def _base(info: ValidationInfo) -> Path:
     return (info.context or {}).get("base") or Path.cwd()
 
 
-def _flow_voices(flow: FlowFile, value: str, library: Path | None) -> dict[str, Voice]:
-    """Each voice a flow node names, loaded now: a missing voice fails the agent file, not a call."""
-    voices, problems = {}, []
+def _flow_voices(flow: FlowFile, value: str, context: dict) -> dict[str, Voice]:
+    """Each voice a flow node names, loaded now: a missing voice fails the agent file, not a call.
+    A voice already loaded (the agent's own, or another node's) is not read again."""
+    library = VoiceLibrary(context.get("library"))
+    agent_voice = context.get("voice")
+    voices: dict[str, Voice] = {}
+    problems = []
     for node, ref in flow.voices.items():
         try:
-            folder = VoiceLibrary(library).resolve(ref)
-            voices[str(folder)] = load_voice(folder)
+            folder = str(library.resolve(ref))
+            if folder not in voices:
+                same = agent_voice is not None and str(agent_voice.folder) == folder
+                voices[folder] = agent_voice if same else load_voice(folder)
         except LibraryError as exc:
             problems.append(f"node {node!r}: voice: {exc}")
         except VoiceError as exc:
@@ -332,7 +338,7 @@ class AgentSpec(_Section):
             raise _problem(f"{_show(value)}: the flow file has problems:\n  " + str(exc).replace("\n", "\n  ")) from None
         if info.context is not None:
             info.context["flow"] = flow
-            info.context["flow_voices"] = _flow_voices(flow, value, info.context.get("library"))
+            info.context["flow_voices"] = _flow_voices(flow, value, info.context)
         return str(path)
 
     @property
