@@ -11,14 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import OutputDTMFUrgentFrame
 
+from processors.audio_io import read_audio, to_pcm16
 from processors.chroma.service import CallActionFrame
-
-from .wavfile import read_wav_native
 
 if TYPE_CHECKING:
     from .runtime import Call
@@ -72,8 +70,9 @@ class PipelineCallControl:
         await self._queue(CallActionFrame(when_quiet=send))
 
     async def play(self, wav_path: Path) -> None:
-        audio, rate = read_wav_native(wav_path)
-        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
+        # At the call's output rate: the file may be at any rate, the service's resampler takes a few.
+        rate = self.call.service.out_rate
+        pcm = to_pcm16(read_audio(wav_path, rate)).tobytes()
         await self._queue(CallActionFrame(audio=pcm, rate=rate))
 
     async def say(self, text: str) -> None:

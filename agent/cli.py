@@ -9,28 +9,49 @@
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
 `run` to a function taking the parsed args and returning an exit code; list it in
-`SUBCOMMANDS`. A `UsageError` raised anywhere in a command prints one line and exits 2.
+`SUBCOMMANDS`. Exit codes: 0 done; 1 problems found (a flow or voice with problems, a call that
+failed); 2 a usage error or a missing or unusable file (a `UsageError` raised anywhere in a
+command prints one line; argparse's own errors print the subcommand's usage).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import socket
 import sys
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-from .wavfile import WavError, read_wav, write_wav
+from processors.audio_io import AudioFileError, read_audio, read_audio_native, write_wav
 
 PROG = "chroma-agent"
+EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+# Our packages log at the chosen level; everything else (pipecat's import banner and debug lines,
+# aiortc, uvicorn's access details) only from WARNING, unless asked for with -v or --log-level.
+OWN_PACKAGES = ("agent", "transports", "processors", "voices", "flows", "__main__")
+THIRD_PARTY_LEVEL = "WARNING"
 
 
 class UsageError(Exception):
     """Something the user can fix (a flag, a file); printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse hands a subcommand's unknown flags up to the top-level parser, which reports them under
+    its own usage line; here the subcommand that was given them reports them, under its usage."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 # -- speak -------------------------------------------------------------------
@@ -44,14 +65,18 @@ def _add_speak(subparsers) -> None:
         "reply to a 24 kHz 16-bit mono WAV, printing time to first audio and real-time factor.",
     )
     p.add_argument("--model", default="tiny", help="'tiny', a checkpoint folder or a Hugging Face id (default: tiny)")
-    p.add_argument("--voice-audio", required=True, metavar="REF.wav", help="reference recording of the voice (16-bit PCM WAV)")
+    p.add_argument("--voice-audio", required=True, metavar="REF.wav",
+                   help="reference recording of the voice (WAV, FLAC, OGG or MP3; any rate and channels)")
     p.add_argument("--voice-text", required=True, metavar="TEXT", help="transcript of the reference recording")
-    p.add_argument("--input", required=True, metavar="USER.wav", help="the user's turn (16-bit PCM WAV)")
+    p.add_argument("--consent-by", required=True, metavar="WHO",
+                   help="who consented to this voice being cloned (as for `voice add`)")
+    p.add_argument("--input", required=True, metavar="USER.wav", help="the user's turn (WAV, FLAC, OGG or MP3; any rate)")
     p.add_argument("--output", required=True, metavar="REPLY.wav", help="where to write the reply (24 kHz 16-bit mono)")
     p.add_argument("--system-prompt", default="", metavar="TEXT", help="system prompt for the conversation")
     p.add_argument("--max-frames", type=int, default=250, metavar="N", help="cap on reply frames, 80 ms each (default: 250)")
     p.add_argument("--chunk-frames", type=int, default=2, metavar="N", help="frames per streamed chunk, 1 to 4 (default: 2)")
     p.add_argument("--device", default=None, metavar="cpu|cuda", help="device (default: cuda if available, else cpu)")
+    _add_verbose(p)
     p.set_defaults(run=_run_speak)
 
 
@@ -64,6 +89,7 @@ def _run_speak(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-frames is {args.max_frames}, expected a positive number of frames")
     if not args.voice_text.strip():
         raise UsageError("--voice-text is empty, expected the transcript of --voice-audio")
+    consent = _consent(args.consent_by)
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: folder {output.parent} does not exist")
@@ -72,6 +98,7 @@ def _run_speak(args: argparse.Namespace) -> int:
     device = _device(args.device)
     voice_audio = _read(args.voice_audio, "--voice-audio", SAMPLE_RATE)
     user_audio = _read(args.input, "--input", LISTEN_RATE)
+    print(f"voice: {args.voice_audio}, cloned with the consent of {consent.given_by}")
 
     model = _load(args.model, device)
     print(f"model: {model.source} on {model.device} ({str(model.dtype).removeprefix('torch.')})")
@@ -141,11 +168,17 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .server import serve
-
     if not 0 < args.port < 65536:
         raise UsageError(f"--port is {args.port}, expected 1 to 65535")
-    runtime = _runtime(args.agent, args.model, args.log_level)
+    spec = _spec(args.agent, args.model)
+    # Before the model loads (minutes for real weights): a port in use fails now, not after.
+    _check_port(args.host, args.port, socket.SOCK_STREAM, f"--port {args.port} (HTTP)")
+    sip = spec.transports.sip
+    if sip.enabled:
+        _check_port(sip.host, sip.port, socket.SOCK_DGRAM, f"transports.sip.port {sip.port} (SIP, UDP) in {args.agent}")
+    from .server import serve
+
+    runtime = _runtime_for(spec, args.agent)
     print(f"agent {runtime.spec.name!r}: model {runtime.model.source} on {runtime.model.device}")
     print(f"open http://{args.host}:{args.port}/ to talk to it")
     from .twilio_routes import TwilioConfigError
@@ -166,7 +199,8 @@ def _add_call(subparsers) -> None:
         "OUT.wav.",
     )
     p.add_argument("agent", metavar="AGENT.yaml", help="the agent file")
-    p.add_argument("--input", required=True, metavar="CALLER.wav", help="what the caller says (16-bit PCM WAV, any rate)")
+    p.add_argument("--input", required=True, metavar="CALLER.wav",
+                   help="what the caller says (WAV, FLAC, OGG or MP3; any rate and channels)")
     p.add_argument("--output", required=True, metavar="OUT.wav", help="where to write the agent's audio (16-bit mono)")
     p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
     p.add_argument("--rate", type=int, default=24000, choices=(8000, 16000, 24000, 48000), help="output sample rate (default: 24000)")
@@ -176,20 +210,24 @@ def _add_call(subparsers) -> None:
 
 def _run_call(args: argparse.Namespace) -> int:
     from .simulate import simulate_call
-    from .wavfile import read_wav_native
 
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: folder {output.parent} does not exist")
     try:
-        caller, caller_rate = read_wav_native(args.input)
-    except WavError as exc:
+        caller, caller_rate = read_audio_native(args.input)
+    except AudioFileError as exc:
         raise UsageError(f"--input {exc}") from None
-    runtime = _runtime(args.agent, args.model, args.log_level)
+    runtime = _runtime(args.agent, args.model)
     print(f"calling agent {runtime.spec.name!r} with {args.input} ({caller.size / caller_rate:.1f} s, real time)")
     call, recording, _ = asyncio.run(simulate_call(runtime, caller, caller_rate, out_rate=args.rate))
     stats = call.stats
-    write_wav(output, recording.astype(np.float32) / 32768.0, args.rate)
+    if call.errors:
+        for error in call.errors:
+            print(f"{PROG} call: error: {error}", file=sys.stderr)
+        print(f"{PROG} call: the call with {args.input} failed; {output} not written", file=sys.stderr)
+        return EXIT_PROBLEMS
+    write_wav(output, recording, args.rate)
     print(stats.summary())
     for i, text in enumerate(stats.texts, 1):
         print(f"turn {i}: {text!r}")
@@ -199,37 +237,84 @@ def _run_call(args: argparse.Namespace) -> int:
 
 def _add_log_level(p) -> None:
     p.add_argument(
-        "--log-level", default="INFO", choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"),
-        help="log detail (default: INFO; DEBUG shows every pipeline event)",
+        "--log-level", default=argparse.SUPPRESS, choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log detail, for every library too (default: INFO for the agent, WARNING for the libraries "
+        "under it; DEBUG shows every pipeline event)",
     )
+    _add_verbose(p)
 
 
-def _set_log_level(level: str) -> None:
+def _add_verbose(p) -> None:
+    # SUPPRESS: a subcommand's default would otherwise overwrite a -v given before the subcommand.
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="show debug logs, the libraries' included (same as --log-level DEBUG)")
+
+
+def configure_logging(level: str | None = None, verbose: int = 0) -> None:
+    """loguru and stdlib logging to stderr: our packages at `level` (INFO), the rest at WARNING unless
+    a level is asked for; -v is DEBUG for all."""
     from loguru import logger
 
+    if verbose:
+        level = "DEBUG"
+    own, others = level or "INFO", level or THIRD_PARTY_LEVEL
     logger.remove()
-    logger.add(sys.stderr, level=level)
+    logger.add(sys.stderr, level="TRACE", filter={"": others, **dict.fromkeys(OWN_PACKAGES, own)})
+    # aiortc, aioice and other stdlib loggers: the root's level gates them; with no handler set,
+    # Python's last-resort one prints WARNING and above, so debug needs a handler of its own.
+    root = logging.getLogger()
+    root.setLevel("DEBUG" if others in ("TRACE", "DEBUG") else others)
+    if root.level < logging.WARNING and not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
 
 
-def _runtime(agent_path: str, model: str | None, log_level: str = "INFO"):
-    _set_log_level(log_level)
-    from .runtime import AgentRuntime
+def _spec(agent_path: str, model: str | None):
     from .spec import AgentFileError, load_agent
 
     try:
-        spec = load_agent(agent_path, model=model)
+        return load_agent(agent_path, model=model)
     except AgentFileError as exc:
         raise UsageError(str(exc)) from None
     except FileNotFoundError:
         raise UsageError(f"{agent_path}: no such agent file") from None
+
+
+def _runtime_for(spec, agent_path: str):
     from processors.chroma.checkpoint import CheckpointError
+
+    from .runtime import AgentRuntime
 
     try:
         return AgentRuntime(spec)
-    except WavError as exc:
+    except AudioFileError as exc:
         raise UsageError(f"{agent_path}: voice.audio: {exc}") from None
     except CheckpointError as exc:
         raise UsageError(f"{agent_path}: model: {exc}") from None
+
+
+def _runtime(agent_path: str, model: str | None):
+    return _runtime_for(_spec(agent_path, model), agent_path)
+
+
+def _check_port(host: str, port: int, kind: int, what: str) -> None:
+    """Bind `port` as the server will (TCP with SO_REUSEADDR, as uvicorn does; UDP plain) and let go."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=kind)
+    except socket.gaierror as exc:
+        raise UsageError(f"{what}: cannot bind on {host!r}: not an address here ({exc.strerror})") from None
+    family, socktype, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, socktype, proto) as sock:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            if kind == socket.SOCK_STREAM:
+                sock.listen()
+    except OSError as exc:
+        raise UsageError(
+            f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}; expected a free port "
+            "(is another server running there?)"
+        ) from None
 
 
 # -- flow ------------------------------------------------------------------------------
@@ -246,6 +331,7 @@ def _add_flow(subparsers) -> None:
         "problem as file:line: field: message.",
     )
     check.add_argument("flow", metavar="FLOW.yaml", help="the flow file")
+    _add_verbose(check)
     check.set_defaults(run=_run_flow_check)
 
 
@@ -255,13 +341,16 @@ def _run_flow_check(args: argparse.Namespace) -> int:
     from flows.file import load_flow
     from flows.problems import FlowFileError
 
+    path = Path(args.flow)
+    if not path.is_file():
+        raise UsageError(f"{path}: {'is a folder, expected a flow file' if path.is_dir() else 'no such flow file'}")
     try:
         flow = load_flow(args.flow)
     except FlowFileError as exc:
         print(exc, file=sys.stderr)
         count = len(exc.problems)
         print(f"{args.flow}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-        return 1
+        return EXIT_PROBLEMS
     config = flow.config
     print(
         f"{args.flow}: ok: {len(config.nodes)} nodes, {len(flow.tools)} tools, "
@@ -295,9 +384,25 @@ def _add_test(subparsers) -> None:
 
 def _read(path: str, flag: str, rate: int) -> np.ndarray:
     try:
-        return read_wav(path, rate)
-    except WavError as exc:
+        return read_audio(path, rate)
+    except AudioFileError as exc:
         raise UsageError(f"{flag} {exc}") from None
+
+
+def _consent(given_by: str):
+    """The consent record `voice add` keeps, checked the same way (a name, not blank)."""
+    import datetime as dt
+
+    from pydantic import ValidationError
+
+    from voices.library import DEFAULT_USE
+    from voices.profile import ConsentRecord
+
+    try:
+        return ConsentRecord(given_by=given_by, date=dt.date.today(), use=DEFAULT_USE)
+    except ValidationError:
+        raise UsageError(f"--consent-by is {given_by!r}, expected the name of who consented to this voice "
+                         "being cloned") from None
 
 
 def _device(name: str | None):
@@ -330,8 +435,18 @@ def _load(source: str, device):
 SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test]
 
 
+def package_version() -> str:
+    try:
+        return version("chroma-agents")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Voice agents on the FlashLabs Chroma speech-to-speech model.")
+    parser = _Parser(prog=PROG, description="Voice agents on the FlashLabs Chroma speech-to-speech model.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show debug logs, the libraries' included")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -339,18 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before anything imports pipecat: its banner is logged at import time.
+    configure_logging()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a malformed command line (2), already printed
+    except SystemExit as exc:  # --help/--version (0) or a malformed command line (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    configure_logging(getattr(args, "log_level", None), args.verbose)
+    command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
     try:
         return args.run(args)
     except UsageError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{PROG} {command}: interrupted", file=sys.stderr)
         return 130
 
 

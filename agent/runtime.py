@@ -13,6 +13,7 @@ moment its pipeline starts, with the flow's tools and telephony actions bound to
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMUserAggregatorParams,
 )
 from pipecat.transports.base_transport import BaseTransport
+from pipecat.utils.asyncio.task_manager import TaskManager
 from pipecat.workers.runner import WorkerRunner
 
 from flows.dtmf import DTMFInput
@@ -93,6 +95,24 @@ class CallStats:
             f"call {self.call_id} ({self.kind}) ended: {duration:.1f} s, {self.turns} turns, "
             f"{self.barge_ins} barge-ins, time to first audio per turn (ms): {ttfa}"
         )
+
+
+class CallTasks(TaskManager):
+    """The task manager of one call: a task that fails is reported to `on_failure` (which ends the
+    call) instead of only being logged, as pipecat's own does, while the call waits on for it."""
+
+    def __init__(self, on_failure: Callable[[str, BaseException], None]):
+        super().__init__(loop=asyncio.get_running_loop())
+        self._on_failure = on_failure
+
+    def create_task(self, coroutine, name: str, context=None) -> asyncio.Task:
+        async def reported():
+            try:
+                return await coroutine
+            except Exception as exc:
+                self._on_failure(name, exc)
+
+        return super().create_task(reported(), name, context)
 
 
 class AgentRuntime:
@@ -185,6 +205,9 @@ class Call:
         self.dtmf_sent: list[str] = []
         self.transferred_to: str | None = None
         self.ended_by_agent = False
+        # What went wrong, one line each: a task of the call that failed (and so ended the call).
+        self.errors: list[str] = []
+        self._ending: asyncio.Task | None = None
         # (time.monotonic(), kind, data) of what the agent side saw and did: the conversation tests'
         # agent-side events. Kinds: user_speaking, tool_call, tool_result, node, agent_text, dtmf_sent,
         # transferred, agent_hung_up.
@@ -330,11 +353,22 @@ class Call:
         """End the call now (the client is gone: nothing more can be delivered)."""
         await self.worker.cancel(reason=reason)
 
+    def _task_failed(self, task_name: str, exc: BaseException) -> None:
+        """A task of this call raised: nothing would carry on its work (feeding the caller's audio,
+        generating a reply), so the call ends now rather than waiting on it for ever."""
+        self.errors.append(f"{task_name}: {type(exc).__name__}: {exc}")
+        logger.opt(exception=exc).error(f"call {self.stats.call_id}: task {task_name} failed: {exc}; ending the call")
+        if self._ending is None:
+            self._ending = asyncio.get_running_loop().create_task(self.cancel(reason=f"task {task_name} failed"))
+
     async def run(self) -> CallStats:
+        """Returns when the call ends: hung up, cancelled, or a task of it failed (see `errors`)."""
         metrics = self.runtime.metrics
         metrics.call_started(self.stats.kind)
         logger.info(f"call {self.stats.call_id} ({self.stats.kind}) started")
-        runner = WorkerRunner(name=f"call-{self.stats.call_id}", handle_sigint=False)
+        runner = WorkerRunner(
+            name=f"call-{self.stats.call_id}", handle_sigint=False, task_manager=CallTasks(self._task_failed)
+        )
         await runner.add_workers(self.worker)
         try:
             await runner.run()

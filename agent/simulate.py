@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from loguru import logger
 
+from processors.audio import SUPPORTED_RATES
+from processors.audio_io import resample, to_float, to_pcm16
 from transports.file import FileCallTransport
 
 from .runtime import AgentRuntime, Call
@@ -22,7 +25,15 @@ async def simulate_call(
 ) -> tuple[Call, np.ndarray, FileCallTransport]:
     """Play the caller's audio in real time and hang up once it has all been sent and the agent
     has been quiet for `settle_secs` (after the end-of-turn wait). -> (the finished call, the agent's
-    audio as int16 at out_rate on the call's timeline, the transport with its event log)."""
+    audio as int16 at out_rate on the call's timeline, the transport with its event log).
+
+    The caller's audio may be at any rate (int16 or float); one the call's resamplers do not take
+    (44.1 kHz, 22.05 kHz, ...) is resampled to 16 kHz first. The call ends early if a task of it
+    fails: `call.errors` says which and why."""
+    if caller_rate not in SUPPORTED_RATES:
+        pcm = np.asarray(caller_pcm)
+        audio = to_float(pcm) if pcm.dtype == np.int16 else pcm
+        caller_pcm, caller_rate = to_pcm16(resample(audio.reshape(-1), caller_rate, 16000)), 16000
     transport = FileCallTransport(caller_pcm, caller_rate, output_rate=out_rate)
     # Listen at the caller's own rate where the VAD can, as a phone transport does.
     in_rate = caller_rate if caller_rate in (8000, 16000) else 16000
@@ -31,6 +42,16 @@ async def simulate_call(
     service, clock = call.service, transport.clock
 
     async def hang_up_when_done():
+        try:
+            await wait_until_quiet()
+        except Exception as exc:  # the call would otherwise wait for a hang-up that never comes
+            call.errors.append(f"hang-up watcher: {type(exc).__name__}: {exc}")
+            logger.opt(exception=exc).error(f"call {call.stats.call_id}: the hang-up watcher failed; ending the call")
+            await call.cancel(reason="the hang-up watcher failed")
+            return
+        await call.hang_up()
+
+    async def wait_until_quiet():
         await transport.caller_done.wait()
         quiet_since = None
         while clock.now() < max_secs:
@@ -42,7 +63,6 @@ async def simulate_call(
             elif clock.now() - quiet_since >= settle:
                 break
             await asyncio.sleep(0.05)
-        await call.hang_up()
 
     watcher = asyncio.create_task(hang_up_when_done())
     try:

@@ -20,7 +20,6 @@ action; each is handed the call's `CallControl`.
 from __future__ import annotations
 
 import re
-import wave
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -35,6 +34,8 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+from processors.audio_io import AudioFileError, read_audio_native
 
 from .problems import Problem, from_validation, show
 from .templates import MissingValue, render
@@ -59,7 +60,7 @@ class CallControl(Protocol):
         """Send DTMF tones (0-9, *, #, A-D) to the far end."""
 
     async def play(self, wav_path: Path) -> None:
-        """Play a WAV file (absolute path) to the caller."""
+        """Play an audio file (absolute path; WAV, FLAC, OGG or MP3, any rate) to the caller."""
 
     async def say(self, text: str) -> None:
         """Speak fixed text in the agent's current voice, through the model's own speech path."""
@@ -108,12 +109,11 @@ class PlayArgs(_Args):
     def _wav(cls, value: Path, info: ValidationInfo) -> Path:
         path = ((info.context or {}).get("base", Path.cwd()) / value.expanduser()).resolve()
         if not path.is_file():
-            raise ValueError(f"an existing WAV file (looked for {path})")
+            raise ValueError(f"an existing audio file (looked for {path})")
         try:
-            with wave.open(str(path), "rb") as w:
-                w.getnframes()
-        except (wave.Error, EOFError, OSError) as exc:
-            raise ValueError(f"a readable PCM WAV file ({path}: {exc})") from None
+            read_audio_native(path)  # read whole at load time: a bad file fails the flow, not a call
+        except AudioFileError as exc:
+            raise ValueError(f"a readable audio file ({exc})") from None
         return path
 
 

@@ -26,7 +26,8 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
-from processors.audio import StreamResampler
+from processors.audio import SUPPORTED_RATES, StreamResampler
+from processors.audio_io import to_pcm16
 
 
 class _CallClock:
@@ -128,14 +129,17 @@ class FileOutputTransport(BaseOutputTransport):
 
 
 class FileCallTransport(BaseTransport):
-    """Events: on_caller_finished(transport) once the caller's audio has all been sent."""
+    """Events: on_caller_finished(transport) once the caller's audio has all been sent.
+
+    `caller_pcm`: int16, or float in [-1, 1], at `caller_rate`, one of processors.audio.SUPPORTED_RATES
+    (a file at another rate is resampled when read: processors.audio_io.read_audio)."""
 
     def __init__(self, caller_pcm: np.ndarray, caller_rate: int, *, output_rate: int = 24000, frame_ms: int = 20):
         super().__init__()
-        pcm = np.asarray(caller_pcm)
-        if pcm.dtype != np.int16:
-            pcm = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-        self.caller_pcm = pcm.reshape(-1)
+        # Checked here, not when the caller's task first resamples: there it would only end the call.
+        if caller_rate not in SUPPORTED_RATES:
+            raise ValueError(f"caller_rate is {caller_rate} Hz, expected one of {SUPPORTED_RATES}")
+        self.caller_pcm = to_pcm16(np.asarray(caller_pcm).reshape(-1))
         self._pending: deque[np.ndarray] = deque([self.caller_pcm])  # caller audio not yet sent
         self.caller_rate = caller_rate
         self.output_rate = output_rate

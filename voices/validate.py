@@ -16,7 +16,8 @@ from pathlib import Path
 import loudness
 import numpy as np
 import soundfile
-import soxr
+
+from processors.audio_io import AudioFileError, read_audio_channels, resample, write_wav
 
 SAMPLE_RATE = 24000  # the codec's rate (processors.chroma.config; not imported here: it pulls in transformers)
 FORMATS = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
@@ -70,18 +71,13 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"'{path.suffix or path.name}' files are not accepted; expected {_formats()}")
-    if not path.is_file():
-        raise ValueError("no such file" if not path.exists() else "not a file")
-    if kind not in soundfile.available_formats():
+    if path.exists() and kind not in soundfile.available_formats():
         raise ValueError(f"{kind} needs libsndfile 1.1 or newer, and this one is {soundfile.__libsndfile_version__}; "
                          "convert the recording to WAV or FLAC")
     try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"cannot be decoded as {kind} ({exc}); expected a {kind} audio file") from None
-    if samples.size == 0:
-        raise ValueError("holds no audio (0 samples)")
-    return samples, int(rate)
+        return read_audio_channels(path)
+    except AudioFileError as exc:
+        raise ValueError(exc.reason) from None
 
 
 def prepare_audio(path: str | Path, transcript: str | None = None) -> PreparedAudio:
@@ -96,10 +92,7 @@ def prepare_audio(path: str | Path, transcript: str | None = None) -> PreparedAu
         out.problems.append(f"sample rate {rate} Hz is below {MIN_RATE} Hz: {WHY_RATE}")
     if samples.shape[1] > 1:
         out.notes.append(f"{samples.shape[1]} channels mixed down to mono")
-    mono = samples.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE)
-    mono = np.asarray(mono, dtype=np.float32)
+    mono = resample(samples.mean(axis=1), rate, SAMPLE_RATE)
 
     active = speech_frames(mono, SAMPLE_RATE)
     if not active.any():
@@ -195,7 +188,7 @@ def transcript_problems(transcript: str, speech_seconds: float) -> list[str]:
 
 def write_reference(path: Path, audio: np.ndarray) -> None:
     """The stored form: 24 kHz mono 16-bit PCM WAV."""
-    soundfile.write(str(path), np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    write_wav(path, audio, SAMPLE_RATE)
 
 
 def _formats() -> str:

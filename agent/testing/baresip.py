@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from ..wavfile import write_wav
+from processors.audio_io import write_wav
 
 BARESIP = shutil.which("baresip")
 RATE = 8000  # PCMU
@@ -53,7 +53,7 @@ def _free_port(kind: int) -> int:
 
 
 def write_pcm(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
-    write_wav(path, samples.astype(np.float32) / 32768.0, rate)
+    write_wav(path, samples.astype(np.int16, copy=False), rate)
     return path
 
 

@@ -47,7 +47,8 @@ def synthesize(text: str, rate: int) -> np.ndarray:
 
 
 def read_wav(path: str | Path, rate: int) -> np.ndarray:
-    """A 16-bit PCM WAV as int16 mono at `rate` (raises agent.wavfile.WavError naming the file)."""
-    from agent.wavfile import read_wav as read_float
+    """An audio file (WAV, FLAC, OGG, MP3; any rate and channels) as int16 mono at `rate`
+    (raises processors.audio_io.AudioFileError naming the file)."""
+    from processors.audio_io import read_audio, to_pcm16
 
-    return np.round(np.clip(read_float(path, rate), -1.0, 1.0) * 32767.0).astype(np.int16)
+    return to_pcm16(read_audio(path, rate))

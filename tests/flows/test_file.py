@@ -85,7 +85,7 @@ def test_every_problem_is_reported_at_once_with_its_line(tmp_path):
         ),
         (21, "nodes.start.collect_dtmf.max_digits", "99 is not allowed; expected at most 32"),
         (24, "nodes.start.pre_actions[0].to", "'555-1234' is not allowed; expected an E.164 number"),
-        (26, "nodes.start.pre_actions[1].wav", "'nothing.wav' is not allowed; expected an existing WAV file"),
+        (26, "nodes.start.pre_actions[1].wav", "'nothing.wav' is not allowed; expected an existing audio file"),
     ]
     assert len(lines) == len(expected), lines
     for line, (number, field, message) in zip(lines, expected, strict=True):
@@ -259,7 +259,7 @@ def test_action_arguments_are_checked(tmp_path):
         f"{path}:6: nodes.a.pre_actions[0].digits: '12x' is not allowed; expected 1 to 32 DTMF digits"
     )
     assert lines[1].startswith(
-        f"{path}:7: nodes.a.pre_actions[1].wav: 'notes.txt' is not allowed; expected a readable PCM WAV file"
+        f"{path}:7: nodes.a.pre_actions[1].wav: 'notes.txt' is not allowed; expected a readable audio file ("
     )
     assert lines[2].startswith(
         f"{path}:9: nodes.a.pre_actions[3].text: '  ' is not allowed; expected the text to speak"
