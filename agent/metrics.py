@@ -5,8 +5,14 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable
+
+from loguru import logger
 
 TTFA_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+# (name, help, value) of one gauge, read when /metrics is rendered
+Gauge = tuple[str, str, float]
 
 
 class ServerMetrics:
@@ -19,6 +25,27 @@ class ServerMetrics:
         self.dropped_input = Counter()  # by reason
         self.ttfa_counts = [0] * (len(TTFA_BUCKETS) + 1)
         self.ttfa_sum = 0.0
+        self.calls_refused = Counter()  # by (transport, reason)
+        self.sip_refusals = Counter()  # by reason
+        # Gauges owned elsewhere (the runtime's sessions, the SIP server's dialogs, the engine), read at
+        # render time so each number has one owner; keyed by owner, so a rebuilt owner replaces its own.
+        self._gauges: dict[str, Callable[[], Iterable[Gauge]]] = {}
+        self._gauge_failed: set[str] = set()
+
+    def set_gauges(self, owner: str, read: Callable[[], Iterable[Gauge]]) -> None:
+        """Render `read()`'s gauges in /metrics from now on, in place of `owner`'s earlier ones."""
+        with self._lock:
+            self._gauges[owner] = read
+
+    def call_refused(self, transport: str, reason: str) -> None:
+        """A new call turned away before it started (busy, not ready)."""
+        with self._lock:
+            self.calls_refused[(transport, reason)] += 1
+
+    def sip_refused(self, reason: str) -> None:
+        """A SIP request refused (400, 403, 486, 488, ...) or a SIP call ended by a timeout."""
+        with self._lock:
+            self.sip_refusals[reason] += 1
 
     def call_started(self, transport: str) -> None:
         with self._lock:
@@ -79,5 +106,25 @@ class ServerMetrics:
                 f'chroma_agents_time_to_first_audio_seconds_bucket{{le="+Inf"}} {cumulative}',
                 f"chroma_agents_time_to_first_audio_seconds_sum {self.ttfa_sum:.6f}",
                 f"chroma_agents_time_to_first_audio_seconds_count {cumulative}",
+                "# HELP chroma_agents_calls_refused_total New calls turned away, by transport and reason.",
+                "# TYPE chroma_agents_calls_refused_total counter",
+                *(
+                    f'chroma_agents_calls_refused_total{{transport="{t}",reason="{r}"}} {n}'
+                    for (t, r), n in sorted(self.calls_refused.items())
+                ),
+                "# HELP chroma_sip_refusals_total SIP requests refused and SIP calls ended by a timeout, by reason.",
+                "# TYPE chroma_sip_refusals_total counter",
+                *(f'chroma_sip_refusals_total{{reason="{r}"}} {n}' for r, n in sorted(self.sip_refusals.items())),
             ]
+            sources = list(self._gauges.items())
+        for owner, read in sources:  # outside the lock: the owners' own state is read here
+            try:
+                gauges = list(read())
+            except Exception:
+                if owner not in self._gauge_failed:
+                    self._gauge_failed.add(owner)
+                    logger.exception(f"metrics: the {owner} gauges could not be read (logged once)")
+                continue
+            for name, help_text, value in gauges:
+                out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {float(value):g}"]
         return "\n".join(out) + "\n"

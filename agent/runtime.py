@@ -61,6 +61,11 @@ STAND_IN_NOTICE = (
 _call_ids = itertools.count(1)
 
 
+def busy_label(reason: str) -> str:
+    """A metrics label for a busy reason: its words before any detail ("at capacity: 3 of ...")."""
+    return reason.split(":")[0].strip().replace(" ", "_")
+
+
 def model_source(source: str) -> str:
     """The model to load: a Hugging Face id is used when there is a GPU or its weights are already
     downloaded; otherwise (a CPU-only machine that would fetch 4B weights it can barely run) the
@@ -123,10 +128,22 @@ class AgentRuntime:
         model=None,
         metrics: ServerMetrics | None = None,
         reasoner: Callable[[], Callable[..., ThinkerStream]] | None = None,
+        engine_status: Callable[[], dict] | None = None,
     ):
         """`reasoner`: gives each new call the factory that picks its thinker's tokens, in place of the
-        thinker's own choice (tests and scenario runs on the tiny model: a `ScriptedReasoner`)."""
+        thinker's own choice (tests and scenario runs on the tiny model: a `ScriptedReasoner`).
+
+        `engine_status`: how the engine that serves the calls is doing, as a dict such as
+        {"behind_real_time": bool, "batch_size": int, "tick_seconds": float, "sessions": int}. While it
+        says behind_real_time, new calls are refused as busy and /readyz says not ready. It is also the
+        `engine_status` attribute, which may be set after construction (the one place it plugs in)."""
         self.spec = spec
+        self.engine_status = engine_status
+        self.max_sessions = spec.max_sessions
+        # Calls promised a session whose pipeline does not exist yet (a SIP call answered, awaiting its
+        # ACK): they count against max_sessions like running calls.
+        self.reserved: set[str] = set()
+        self._engine_failed = False
         self.reasoner = reasoner
         if model is None:
             device = None if spec.device == "auto" else spec.device
@@ -143,6 +160,7 @@ class AgentRuntime:
         self._voices = {spec.voice: self.voice, **spec.flow_voices}
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
+        self.metrics.set_gauges("runtime", self._gauges)
 
     def find_voice(self, ref: str):
         """A voice by library name or folder (relative to the agent file), loaded once per process.
@@ -155,6 +173,72 @@ class AgentRuntime:
     def active_calls(self, kind: str) -> int:
         """Calls of this transport kind now running (for each transport's max_calls)."""
         return sum(1 for call in self.calls.values() if call.stats.kind == kind)
+
+    # Capacity: max_sessions, all transports together ------------------------------------------
+
+    @property
+    def sessions(self) -> int:
+        """Sessions the model serves or has promised: running calls plus reserved ones."""
+        return len(self.calls) + len(self.reserved)
+
+    def engine_state(self) -> dict | None:
+        """engine_status() now, or None when there is none. A status that cannot be read counts as
+        behind real time: a server that cannot tell whether it keeps up must not take more calls."""
+        if self.engine_status is None:
+            return None
+        try:
+            state = self.engine_status()
+            if not isinstance(state, dict):
+                raise TypeError(f"engine_status() returned {type(state).__name__}, expected a dict")
+        except Exception as exc:
+            if not self._engine_failed:
+                self._engine_failed = True
+                logger.opt(exception=exc).error("engine_status() failed; refusing new calls while it does")
+            return {"behind_real_time": True, "error": f"{type(exc).__name__}: {exc}"}
+        self._engine_failed = False
+        return state
+
+    def busy_reason(self, state: dict | None = None) -> str | None:
+        """Why one more call cannot be taken now, or None when it can. `state`: engine_state(), if the
+        caller has it already."""
+        state = self.engine_state() if state is None else state
+        if state is not None and state.get("error"):
+            return f"engine status unavailable: {state['error']}"
+        if state is not None and state.get("behind_real_time"):
+            return "engine behind real time"
+        if self.sessions >= self.max_sessions:
+            return f"at capacity: {self.sessions} of max_sessions {self.max_sessions}"
+        return None
+
+    def reserve(self, key: str) -> str | None:
+        """Hold a session for a call whose pipeline comes later (release it then); the busy reason
+        instead, holding nothing, when none can be had."""
+        reason = self.busy_reason()
+        if reason is None:
+            self.reserved.add(key)
+        return reason
+
+    def release(self, key: str) -> None:
+        self.reserved.discard(key)
+
+    def _gauges(self):
+        yield "chroma_agents_sessions", "Calls the model serves or has promised (running plus reserved).", self.sessions
+        yield "chroma_agents_sessions_reserved", "Calls promised a session, pipeline not started yet.", len(self.reserved)
+        yield "chroma_agents_max_sessions", "Calls the model serves at once, all transports together.", self.max_sessions
+        state = self.engine_state()
+        if state is None:
+            return
+        yield "chroma_engine_behind_real_time", "1 while the engine cannot keep its calls in real time.", float(
+            bool(state.get("behind_real_time"))
+        )
+        for key, help_text in (
+            ("batch_size", "Replies advanced together in one engine step."),
+            ("tick_seconds", "Seconds the engine's last step took."),
+            ("sessions", "Engine sessions open."),
+        ):
+            value = state.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield f"chroma_engine_{key}", help_text, value
 
     def new_session(self):
         r = self.spec.response

@@ -21,7 +21,7 @@ from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import InputDTMFFrame
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from processors.chroma.config import LISTEN_RATE
 from transports.sip.calls import sip_server
 
-from .runtime import STAND_IN_NOTICE, AgentRuntime, Call
+from .runtime import STAND_IN_NOTICE, AgentRuntime, Call, busy_label
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 WEBRTC_OUT_RATE = 48000  # Opus runs at 48 kHz; sending at its rate saves aiortc a resample
@@ -67,6 +67,20 @@ def _bad_body(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+class Busy(Exception):
+    """No session for one more call now; the offer is answered 503."""
+
+
+def busy_response(runtime: AgentRuntime, transport: str, reason: str) -> JSONResponse:
+    runtime.metrics.call_refused(transport, busy_label(reason))
+    logger.warning(f"{transport} call refused: {reason}")
+    return JSONResponse(
+        {"error": f"busy: {reason}; try again shortly", "reason": reason},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
 class WebRTCCalls:
     """The server's WebRTC calls: each one's peer connection and the task running its pipeline."""
 
@@ -75,6 +89,7 @@ class WebRTCCalls:
         self.active: dict[str, tuple[SmallWebRTCConnection, Call, asyncio.Task]] = {}
 
     async def start(self, offer: Offer) -> dict:
+        """The SDP answer; HTTPException 400 for an offer aiortc cannot use, 503 when busy."""
         connection = SmallWebRTCConnection(connection_timeout_secs=CONNECT_TIMEOUT_SECS)
         try:
             await connection.initialize(sdp=offer.sdp, type=offer.type)
@@ -92,6 +107,11 @@ class WebRTCCalls:
             audio_out_end_silence_secs=0,
             audio_out_write_timeout_secs=WRITE_TIMEOUT_SECS,
         )
+        # Asked again after the awaits above: other offers may have taken the last session meanwhile.
+        if (busy := self.runtime.busy_reason()) is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            raise Busy(busy)
         try:
             transport = SmallWebRTCTransport(connection, params)
             call = self.runtime.new_call(transport, kind="webrtc", out_rate=WEBRTC_OUT_RATE)
@@ -212,10 +232,12 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
             "notice": STAND_IN_NOTICE if runtime.stand_in else None,
         }
 
-    @app.post("/api/offer")
-    async def offer(request: Request) -> dict:
+    @app.post("/api/offer", response_model=None)
+    async def offer(request: Request) -> dict | JSONResponse:
         try:
             return await _offer(request)
+        except Busy as e:
+            return busy_response(runtime, "webrtc", str(e))
         except HTTPException as e:
             if e.status_code == 400:
                 runtime.metrics.dropped("bad_offer")
@@ -240,11 +262,31 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
             raise HTTPException(400, "pc_id: renegotiating a call is not supported; leave pc_id out")
         if "m=audio" not in parsed.sdp:
             raise HTTPException(400, "sdp: expected an offer with an audio media section (m=audio)")
+        if (busy := runtime.busy_reason()) is not None:
+            raise Busy(busy)
         return await calls.start(parsed)
 
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "calls_active": runtime.metrics.calls_active, "model": runtime.model_name}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """For a load balancer: 200 while one more call can be taken, 503 (with the reason) while not."""
+        engine = runtime.engine_state()
+        reason = runtime.busy_reason(engine)
+        body = {
+            "ready": reason is None,
+            "sessions": runtime.sessions,
+            "max_sessions": runtime.max_sessions,
+            "calls_active": runtime.metrics.calls_active,
+            "reserved": len(runtime.reserved),
+        }
+        if reason is not None:
+            body["reason"] = reason
+        if engine is not None:
+            body["engine"] = engine
+        return JSONResponse(body, status_code=200 if reason is None else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

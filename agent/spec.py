@@ -261,6 +261,13 @@ class AgentSpec(_Section):
         "folder relative to the agent file.",
     )
     device: Text = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    max_sessions: StrictInt = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="Calls the model serves at once, all transports together; beyond it new calls get each "
+        "transport's busy answer (a call must also fit its transport's max_calls).",
+    )
     voice: NonEmptyText = Field(
         description="The cloned voice the agent speaks in: a name from the voice library, or a voice folder "
         "(holding voice.yaml) relative to the agent file, such as ./voices/ava."

@@ -23,7 +23,7 @@ from transports.twilio import TwilioCallTransport
 from transports.twilio_webhook import StreamTokens, connect_twiml, public_url, verify_signature
 from transports.twilio_wire import SAMPLE_RATE, Start, Stop, TwilioStreamState
 
-from .runtime import AgentRuntime
+from .runtime import AgentRuntime, busy_label
 
 START_TIMEOUT_SECS = 10  # Twilio sends `connected` and `start` right after the upgrade
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook's form is a few hundred bytes
@@ -79,8 +79,12 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             runtime.metrics.dropped("twilio_bad_signature")
             return Response(status_code=403)
         call_sid = form.get("CallSid", "")
-        if runtime.active_calls("twilio") >= spec.max_calls:
-            logger.warning(f"Twilio call {call_sid}: rejected as busy ({spec.max_calls} calls already)")
+        busy = runtime.busy_reason()
+        if busy is None and runtime.active_calls("twilio") >= spec.max_calls:
+            busy = f"at max_calls: {spec.max_calls} Twilio calls already"
+        if busy is not None:
+            logger.warning(f"Twilio call {call_sid}: rejected as busy ({busy})")
+            runtime.metrics.call_refused("twilio", busy_label(busy))
             response = VoiceResponse()
             response.reject(reason="busy")
             return Response(str(response), media_type=TWIML)
@@ -114,7 +118,8 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
         if start is None:
             return
         params = start.custom_parameters
-        if params.get("agent") != agent or not tokens.check(params.get("token"), start.call_sid, agent):
+        # redeem: a token opens one stream, once; a replay within its lifetime is refused like a forgery
+        if params.get("agent") != agent or not tokens.redeem(params.get("token"), start.call_sid, agent):
             runtime.metrics.dropped("twilio_bad_token")
             logger.warning(f"Twilio call {start.call_sid}: stream refused, its token does not check")
             await ws.close(code=1008)
@@ -123,7 +128,8 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             runtime.metrics.dropped("twilio_duplicate_call")
             await ws.close(code=1008)
             return
-        if runtime.active_calls("twilio") >= spec.max_calls:  # the webhook said yes before others got in
+        # The webhook said yes, but others may have got in since: never a call beyond capacity.
+        if runtime.active_calls("twilio") >= spec.max_calls or runtime.busy_reason() is not None:
             runtime.metrics.dropped("twilio_busy")
             await ws.close(code=1013)
             return

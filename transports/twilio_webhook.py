@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import hmac
 import re
 import time
@@ -87,15 +88,22 @@ class StreamTokens:
     puts a token in a ``<Parameter>`` and the stream handler checks it on ``start``. A token is
     ``"<expiry>.<mac>"``: expiry in Unix seconds, and the URL-safe base64 (unpadded) of
     HMAC-SHA256(secret, ``call_sid|agent|expiry``). Call SID and agent travel separately and must match.
+
+    `redeem` opens one stream per token, once: a redeemed token is remembered until it expires (after
+    that `check` refuses it anyway). Only tokens we issued and that check are remembered, so the
+    memory is bounded by the calls the webhook answers in one lifetime; `max_remembered` caps it.
     """
 
-    def __init__(self, secret: bytes, ttl_secs: float = 60) -> None:
+    def __init__(self, secret: bytes, ttl_secs: float = 60, *, max_remembered: int = 100_000) -> None:
         if not isinstance(secret, bytes | bytearray) or len(secret) < 16:
             raise ValueError("stream token secret must be at least 16 bytes")
         if ttl_secs <= 0:
             raise ValueError(f"ttl_secs must be positive, got {ttl_secs!r}")
         self._secret = bytes(secret)
         self.ttl_secs = ttl_secs
+        self.max_remembered = max_remembered
+        self._redeemed: set[str] = set()
+        self._expiries: list[tuple[int, str]] = []  # heap of (expiry, token) over _redeemed
 
     def _mac(self, call_sid: str, agent: str, expiry: int) -> str:
         message = f"{call_sid}|{agent}|{expiry}".encode()
@@ -130,6 +138,23 @@ class StreamTokens:
         except UnicodeEncodeError:
             return False
         return hmac.compare_digest(given, self._mac(call_sid, agent, expiry).encode("ascii"))
+
+    def redeem(self, token: str | None, call_sid: str, agent: str, now: float | None = None) -> bool:
+        """`check`, and True only the first time: the token is used up."""
+        now = time.time() if now is None else now
+        if not self.check(token, call_sid, agent, now):
+            return False
+        while self._expiries and self._expiries[0][0] <= now:
+            self._redeemed.discard(heapq.heappop(self._expiries)[1])
+        if token in self._redeemed:
+            return False
+        if len(self._redeemed) >= self.max_remembered:
+            # Forgetting one unexpired token would let it be replayed: refuse instead (calls at a rate
+            # no server of ours takes).
+            return False
+        self._redeemed.add(token)
+        heapq.heappush(self._expiries, (int(token.partition(".")[0]), token))
+        return True
 
 
 # --- TwiML -------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The HTTP side of the server: page, agent info, health, metrics, and how /api/offer treats bad requests."""
 
 import re
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -66,14 +67,21 @@ def test_metrics_are_prometheus_text_with_every_family(client):
             m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)", line)
             assert m, f"not a sample line: {line!r}"
             samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-    assert types == {
+    assert types.items() >= {
         "chroma_agents_calls_active": "gauge",
         "chroma_agents_calls_total": "counter",
         "chroma_agents_turns_total": "counter",
         "chroma_agents_barge_ins_total": "counter",
         "chroma_agents_dropped_input_total": "counter",
         "chroma_agents_time_to_first_audio_seconds": "histogram",
-    }
+        "chroma_agents_calls_refused_total": "counter",
+        "chroma_sip_refusals_total": "counter",
+        "chroma_agents_sessions": "gauge",
+        "chroma_agents_sessions_reserved": "gauge",
+        "chroma_agents_max_sessions": "gauge",
+    }.items()
+    assert not any(name.startswith("chroma_engine_") for name in types)  # no engine_status given
+    assert samples["chroma_agents_max_sessions"] == 32 and samples["chroma_agents_sessions"] == 0
     assert samples["chroma_agents_calls_active"] == 0
     assert "chroma_agents_turns_total" in samples
     assert 'chroma_agents_time_to_first_audio_seconds_bucket{le="+Inf"}' in samples
@@ -160,3 +168,77 @@ def test_offers_are_refused_with_503_when_webrtc_is_off(runtime):
         assert r.status_code == 503
         assert "transports.webrtc.enabled" in r.json()["detail"]
         assert c.get("/healthz").status_code == 200
+
+
+# --- capacity: max_sessions, /readyz, the engine's status ----------------------------------------------
+
+
+def limited(runtime, max_sessions=1, **kwargs) -> AgentRuntime:
+    spec = runtime.spec.model_copy(update={"max_sessions": max_sessions})
+    return AgentRuntime(spec, model=runtime.model, **kwargs)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_readyz_turns_503_at_max_sessions_and_back_to_200_when_the_call_ends(runtime):
+    one = limited(runtime, max_sessions=1)
+    with TestClient(create_app(one)) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json().items() >= {"ready": True, "sessions": 0, "max_sessions": 1}.items()
+        assert c.post("/api/offer", json={"sdp": AUDIO_OFFER, "type": "offer"}).status_code == 200
+        full = c.get("/readyz")
+        assert full.status_code == 503
+        assert full.json()["ready"] is False and "at capacity" in full.json()["reason"]
+        # the next browser gets a busy answer, not a share of a degraded model
+        busy = c.post("/api/offer", json={"sdp": AUDIO_OFFER, "type": "offer"})
+        assert busy.status_code == 503 and busy.json()["error"].startswith("busy: at capacity")
+        assert len(c.app.state.calls.active) == 1
+        (call,) = one.calls.values()
+        c.portal.call(call.cancel, "test over")
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        assert c.get("/readyz").json()["sessions"] == 0
+        metrics = c.get("/metrics").text
+    assert 'chroma_agents_calls_refused_total{transport="webrtc",reason="at_capacity"} 1' in metrics
+
+
+def test_readyz_503_and_calls_refused_while_the_engine_is_behind_real_time(runtime):
+    status = {"behind_real_time": False, "batch_size": 3, "tick_seconds": 0.05, "sessions": 3}
+    engine = limited(runtime, max_sessions=8, engine_status=lambda: dict(status))
+    with TestClient(create_app(engine)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["engine"]["batch_size"] == 3
+        metrics = c.get("/metrics").text
+        for line in (
+            "chroma_engine_batch_size 3",
+            "chroma_engine_tick_seconds 0.05",
+            "chroma_engine_sessions 3",
+            "chroma_engine_behind_real_time 0",
+        ):
+            assert line in metrics.splitlines()
+        status["behind_real_time"] = True
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json().items() >= {"ready": False, "reason": "engine behind real time"}.items()
+        assert "chroma_engine_behind_real_time 1" in c.get("/metrics").text.splitlines()
+        busy = c.post("/api/offer", json={"sdp": AUDIO_OFFER, "type": "offer"})
+        assert busy.status_code == 503 and "engine behind real time" in busy.json()["error"]
+        assert engine.calls == {}
+        status["behind_real_time"] = False
+        assert c.get("/readyz").status_code == 200
+
+
+def test_an_engine_status_that_fails_counts_as_not_ready(runtime):
+    def broken():
+        raise RuntimeError("engine gone")
+
+    engine = limited(runtime, max_sessions=8)
+    engine.engine_status = broken  # the attribute is where the engine's status plugs in
+    with TestClient(create_app(engine)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "engine gone" in r.json()["reason"]
+        assert c.get("/metrics").status_code == 200

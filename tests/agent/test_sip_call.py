@@ -274,3 +274,83 @@ async def test_the_app_runs_the_sip_server_for_its_lifespan(tmp_path, tiny_model
     await asyncio.sleep(0.01)  # asyncio closes a datagram socket on the loop's next turn
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
         again.bind((HOST, port))  # the SIP port was released on shutdown
+
+
+def _request(method: str, port: int, call_id: str, *, body: bytes = b"", cseq: int = 1, me: int = 9) -> bytes:
+    head = (
+        f"{method} sip:agent@{HOST}:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{me};branch=z9hG4bK-{call_id}-{cseq};rport\r\n"
+        f"From: <sip:+15550001111@{HOST}>;tag=t-{call_id}\r\nTo: <sip:agent@{HOST}>\r\nCall-ID: {call_id}\r\n"
+        f"CSeq: {cseq} {method}\r\nContact: <sip:caller@{HOST}:{me}>\r\nMax-Forwards: 70\r\n"
+    )
+    if body:
+        head += "Content-Type: application/sdp\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def _offer(port: int) -> bytes:
+    return (
+        f"v=0\r\no=- 1 1 IN IP4 {HOST}\r\ns=-\r\nc=IN IP4 {HOST}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0 101\r\n"
+        "a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\n"
+    ).encode()
+
+
+async def test_an_unacked_call_counts_against_max_sessions_and_refusals_show_in_metrics(tmp_path, tiny_model):
+    """A 200 OK never ACKed holds a session (visible, and the next INVITE is busy) until the no-ACK
+    timeout frees it; every refusal is counted in /metrics by its reason."""
+    runtime = AgentRuntime(load_agent(agent_file(tmp_path, "max_sessions: 1\n")), model=tiny_model)
+    spec = runtime.spec.transports.sip.model_copy(update={"enabled": True, "port": 0, "rtp_ports": (free_port(), 0)})
+    spec = spec.model_copy(update={"rtp_ports": (spec.rtp_ports[0], spec.rtp_ports[0] + 7)})
+    server = sip_server(runtime, spec, t1=0.05, t2=0.2, t4=0.2)  # no ACK for 64*T1 = 3.2 s
+    await server.start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.setblocking(False)
+    me = sock.getsockname()[1]
+
+    async def final(method: str) -> bytes:
+        while True:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            status = int(data.split(b" ", 2)[1]) if data.startswith(b"SIP/2.0 ") else 0
+            if status >= 200 and f" {method}\r\n".encode() in data:
+                return data
+
+    def metric(name: str) -> float:
+        for line in runtime.metrics.render().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    try:
+        await loop.sock_sendto(sock, _request("INVITE", server.port, "held", body=_offer(free_port()), me=me), (HOST, server.port))
+        assert (await final("INVITE")).startswith(b"SIP/2.0 200")
+        # answered, not ACKed: no call runs yet, but the session is spoken for and shows
+        assert runtime.calls == {} and runtime.sessions == 1
+        assert metric("chroma_sip_calls_awaiting_ack") == 1 and metric("chroma_agents_sessions") == 1
+        await loop.sock_sendto(sock, _request("INVITE", server.port, "next", body=_offer(free_port()), me=me), (HOST, server.port))
+        assert (await final("INVITE")).startswith(b"SIP/2.0 486")
+        await loop.sock_sendto(sock, _request("OPTIONS", server.port, "probe", me=me), (HOST, server.port))
+        assert (await final("OPTIONS")).startswith(b"SIP/2.0 503")
+        bad = _offer(free_port()).replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 999.999.1.1")
+        await loop.sock_sendto(sock, _request("INVITE", server.port, "bad", body=bad, me=me), (HOST, server.port))
+        assert (await final("INVITE")).startswith(b"SIP/2.0 486")  # still busy: capacity is asked first
+        # 64*T1 without the ACK: BYE from us, the session and the ports are free again
+        while b"BYE sip:" not in (data := await asyncio.wait_for(loop.sock_recv(sock, 4096), 6)):
+            pass
+        await loop.sock_sendto(sock, b"SIP/2.0 200 OK\r\n" + data.split(b"\r\n", 1)[1], (HOST, server.port))
+        for _ in range(200):
+            if runtime.sessions == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert runtime.sessions == 0 and metric("chroma_sip_calls_awaiting_ack") == 0
+        await loop.sock_sendto(sock, _request("INVITE", server.port, "bad2", body=bad, me=me), (HOST, server.port))
+        refused = await final("INVITE")
+        assert refused.startswith(b"SIP/2.0 488") and b"999.999.1.1" in refused
+        assert runtime.sessions == 0 and server.handler.pool.in_use == set()
+        text = runtime.metrics.render()
+        for reason, n in (("busy", 2), ("no_ack", 1), ("bad_sdp", 1)):
+            assert f'chroma_sip_refusals_total{{reason="{reason}"}} {n}' in text.splitlines(), text
+    finally:
+        sock.close()
+        await server.stop()
+        await server.handler.close()

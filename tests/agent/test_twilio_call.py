@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import httpx
 import numpy as np
 import pytest
 import websockets
@@ -176,6 +177,54 @@ async def test_busy_when_max_calls_are_up(tmp_path, tiny_model):
         await running
     reject = ET.fromstring(r.text).find("Reject")
     assert reject is not None and reject.get("reason") == "busy"
+
+
+async def test_a_stream_token_opens_one_stream_only_even_after_its_call_ended(tmp_path, tiny_model):
+    runtime = runtime_for(tmp_path, tiny_model)
+    async with serving(create_app(runtime, public_url=PUBLIC)) as host:
+        first = await dial(host)
+        await first.run(seconds=1)  # a whole call: start, media, stop
+        await asyncio.sleep(0.2)
+        assert runtime.calls == {} and runtime.metrics.calls["twilio"] == 1
+        # The same token (within its 60 s) for a new stream of the same call: refused.
+        replay = TwilioCaller(
+            first.url, TOKEN, sign_url=STREAM_URL, parameters=first.parameters, call_sid=first.call_sid
+        )
+        timeline = await replay.run(seconds=3)
+    assert timeline.close_code == 1008 and timeline.closed_by_server_at < 3
+    assert dropped(runtime, "twilio_bad_token") == 1
+    assert runtime.metrics.calls["twilio"] == 1
+
+
+async def test_busy_when_max_sessions_are_up_across_transports(tmp_path, tiny_model):
+    runtime = runtime_for(tmp_path, tiny_model, max_calls=4)
+    runtime.max_sessions = 1
+    runtime.reserve("sip-call-awaiting-its-ack")  # another transport holds the one session
+    async with serving(create_app(runtime, public_url=PUBLIC)) as host:
+        r = await fetch_voice_twiml(f"http://{host}", TOKEN, public_base=PUBLIC, form={"CallSid": sid("CA")})
+        assert (await fetch_ready(host)).status_code == 503
+        runtime.release("sip-call-awaiting-its-ack")
+        ok = await fetch_voice_twiml(f"http://{host}", TOKEN, public_base=PUBLIC, form={"CallSid": sid("CA")})
+        assert (await fetch_ready(host)).status_code == 200
+    reject = ET.fromstring(r.text).find("Reject")
+    assert reject is not None and reject.get("reason") == "busy"
+    assert ET.fromstring(ok.text).find("Connect/Stream") is not None
+    assert runtime.metrics.calls_refused[("twilio", "at_capacity")] == 1
+
+
+async def test_busy_while_the_engine_is_behind_real_time(tmp_path, tiny_model):
+    runtime = runtime_for(tmp_path, tiny_model)
+    runtime.engine_status = lambda: {"behind_real_time": True, "batch_size": 32, "tick_seconds": 0.09, "sessions": 32}
+    async with serving(create_app(runtime, public_url=PUBLIC)) as host:
+        r = await fetch_voice_twiml(f"http://{host}", TOKEN, public_base=PUBLIC, form={"CallSid": sid("CA")})
+    reject = ET.fromstring(r.text).find("Reject")
+    assert reject is not None and reject.get("reason") == "busy"
+    assert runtime.metrics.calls_refused[("twilio", "engine_behind_real_time")] == 1
+
+
+async def fetch_ready(host: str):
+    async with httpx.AsyncClient() as client:
+        return await client.get(f"http://{host}/readyz")
 
 
 def test_twilio_enabled_without_token_or_public_url_fails_at_app_creation(tmp_path, tiny_model, monkeypatch):

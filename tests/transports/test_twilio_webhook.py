@@ -169,6 +169,30 @@ def test_token_separator_in_fields_refused():
     assert not tokens.check(tok, "CA1|x", "", now=NOW)
 
 
+def test_token_redeemed_once_only_within_its_lifetime():
+    tokens = StreamTokens(SECRET, ttl_secs=60)
+    tok = tokens.issue(CALL, "booking", now=NOW)
+    assert tokens.redeem(tok, CALL, "booking", now=NOW + 1)
+    # the first call's stream ended; the same token for a new stream, still within its 60 s
+    assert not tokens.redeem(tok, CALL, "booking", now=NOW + 30)
+    assert not tokens.redeem(tok, CALL, "booking", now=NOW + 61)  # and after it expired, check refuses it
+    other = tokens.issue(CALL[:-1] + "3", "booking", now=NOW)
+    assert tokens.redeem(other, CALL[:-1] + "3", "booking", now=NOW + 2)  # other calls are not affected
+    assert not tokens.redeem(tokens.issue(CALL, "booking", now=NOW)[:-1] + "x", CALL, "booking", now=NOW)
+
+
+def test_redeemed_tokens_are_forgotten_once_expired_and_their_number_is_capped():
+    tokens = StreamTokens(SECRET, ttl_secs=60, max_remembered=3)
+    sids = [f"CA{n:032x}" for n in range(4)]
+    for sid in sids[:3]:
+        assert tokens.redeem(tokens.issue(sid, "booking", now=NOW), sid, "booking", now=NOW)
+    # full: an unexpired token is never forgotten to make room (it could be replayed), so refuse
+    assert not tokens.redeem(tokens.issue(sids[3], "booking", now=NOW), sids[3], "booking", now=NOW)
+    later = NOW + 61  # the first three expired: forgotten on the next redeem, and room again
+    assert tokens.redeem(tokens.issue(sids[3], "booking", now=later), sids[3], "booking", now=later)
+    assert len(tokens._redeemed) == 1
+
+
 def test_token_config_checked():
     with pytest.raises(ValueError):
         StreamTokens(b"short")

@@ -7,7 +7,8 @@ answer and a running agent pipeline, and frees all of it once the dialog ends.
     await server.stop()                   # BYE to every call; each one's end() frees its media
     await server.handler.close()          # waits (bounded) for the pipelines to finish
 
-offer → a port pair from the pool (none left: 503) and `sdp.negotiate`; a re-INVITE renegotiates
+offer → a session of the runtime's max_sessions held for the call (none: 486), a port pair from the
+pool (none left: 503) and `sdp.negotiate`; a re-INVITE renegotiates
 and reconfigures the session (hold, resume, new address). start (ACK) → the pipeline runs on a
 `SipCallTransport`. The agent ending the call (EndFrame) sends BYE. end → the call is cancelled,
 the session closed and its ports returned, once.
@@ -97,9 +98,17 @@ class SipCalls:
                 f"call {dialog.call_id}: media now {answer.direction} to {answer.remote_host}:{answer.remote_port}"
             )
             return answer.sdp.encode()
+        # Held from before the answer until the ACK starts the pipeline (or the dialog ends), so a call
+        # answered and awaiting its ACK counts against max_sessions. Taken before the first await:
+        # two INVITEs at once cannot both have the last session.
+        key = _reservation(dialog)
+        if (busy := self.runtime.reserve(key)) is not None:
+            logger.warning(f"call {dialog.call_id} refused: {busy}")
+            raise CallRejected(486, f"Busy Here ({busy})")
         try:
             session = await RtpSession.open(self.pool, name=dialog.call_id)
         except NoFreePort as exc:
+            self.runtime.release(key)
             logger.warning(f"call {dialog.call_id} refused: {exc}")
             raise CallRejected(503, "No Free RTP Port") from exc
         try:
@@ -107,10 +116,12 @@ class SipCalls:
             session.configure(answer)
         except BaseException:
             session.close()
+            self.runtime.release(key)
             raise
         # CANCEL or BYE came while we bound the ports: the server will not call end() for us.
         if getattr(dialog, "ended", False):
             session.close()
+            self.runtime.release(key)
             raise CallRejected(487)
         self.media[dialog] = _Media(session, answer)
         return answer.sdp.encode()
@@ -123,6 +134,7 @@ class SipCalls:
         if call_id in self.runtime.calls:  # a Call-ID reused while its first call still runs
             call_id = f"{call_id}#{next(_suffixes)}"
         transport = SipCallTransport(media.session, name=f"sip-{call_id}", transfer=dialog.refer)
+        self.runtime.release(_reservation(dialog))  # the call itself counts from here
         try:
             media.call = self.runtime.new_call(
                 transport, kind="sip", call_id=call_id, in_rate=SIP_RATE, out_rate=SIP_RATE
@@ -137,6 +149,7 @@ class SipCalls:
         media.watchdog = self._spawn(self._watch(dialog, media))
 
     async def end(self, dialog: Dialog, reason: str) -> None:
+        self.runtime.release(_reservation(dialog))
         media = self.media.pop(dialog, None)
         if media is None:
             return
@@ -175,6 +188,7 @@ class SipCalls:
             if answer.on_hold or not answer.receiving or media.session.idle_seconds < self.rtp_timeout:
                 continue
             logger.warning(f"call {dialog.call_id}: no RTP for {self.rtp_timeout:.0f} s, hanging up")
+            self.runtime.metrics.sip_refused("rtp_timeout")
             media.ended = True
             if media.call is not None:
                 with contextlib.suppress(Exception):
@@ -195,6 +209,8 @@ class SipCalls:
             media.session.close()
             if media.call is not None:
                 self._spawn(media.call.cancel("server shutting down"))
+        for dialog in self.media:
+            self.runtime.release(_reservation(dialog))
         self.media.clear()
         pending = set(self._tasks)
         if pending:
@@ -218,7 +234,7 @@ def sip_server(runtime: AgentRuntime, spec: SIPTransportSpec | None = None, **se
         auth = DigestAuthenticator(
             spec.auth.realm, {spec.auth.username: password}, algorithm=spec.auth.algorithm
         )
-    return SipServer(
+    server = SipServer(
         SipCalls(runtime, spec),
         host=spec.host,
         port=spec.port,
@@ -226,8 +242,25 @@ def sip_server(runtime: AgentRuntime, spec: SIPTransportSpec | None = None, **se
         allow=AllowList(spec.allow),
         auth=auth,
         max_calls=spec.max_calls,
+        busy=runtime.busy_reason,
+        on_refusal=runtime.metrics.sip_refused,
         **server_options,
     )
+    runtime.metrics.set_gauges("sip", lambda: _gauges(server))
+    return server
+
+
+def _gauges(server: SipServer):
+    yield "chroma_sip_calls", "SIP calls held: ringing, awaiting their ACK or running.", len(server.dialogs)
+    yield (
+        "chroma_sip_calls_awaiting_ack",
+        "SIP calls answered 200 OK whose ACK has not come; each holds a session and an RTP port pair.",
+        server.awaiting_ack,
+    )
+
+
+def _reservation(dialog: Dialog) -> str:
+    return f"sip-dialog-{id(dialog)}"
 
 
 def _caller_number(dialog: Dialog) -> str:

@@ -188,7 +188,9 @@ class Dialog:
         except CallRejected as exc:
             status, reason = exc.status, exc.reason
         except SdpError as exc:
-            status, reason = 488, None
+            # The reason names what was wrong (a port out of range, a host name for an address) so
+            # the caller's side can tell; no RTP has been sent.
+            status, reason = 488, _not_acceptable(str(exc))
             logger.info("SDP offer on call {} not acceptable: {}", self.call_id, exc)
         except Exception:
             status = 500
@@ -324,3 +326,8 @@ class Dialog:
         """Stop the timers; the server has removed the dialog."""
         self.ended = True
         self._stop_ok()
+
+
+def _not_acceptable(problem: str) -> str:
+    problem = "".join(c if " " <= c <= "~" else "?" for c in problem)
+    return f"Not Acceptable Here ({problem[:120]})"

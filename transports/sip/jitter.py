@@ -9,6 +9,10 @@ and grows only when an underrun restarts playback on a jittery network. Sequence
 wrap; inside the buffer they are widened to unbounded "extended" numbers
 (RFC 3550 appendix A.1) so that ordering is plain integer comparison.
 
+RFC 4733 telephone-events share the audio's SSRC and sequence numbers, so a key press
+leaves a gap in the audio's numbering; `skip()` marks those numbers as taken, and the
+gap they fill is neither played as silence nor counted as lost.
+
 Concealment: a missing packet makes `pop()` return None and the caller plays
 comfort silence (mu-law 0xFF, A-law 0xD5). Repeating the previous frame with a
 fade sounds better for one lost packet, but belongs with the codec, not here.
@@ -60,6 +64,7 @@ class JitterBuffer:
         self._playing = False
         self._waited = 0  # pops spent prebuffering with something in the buffer
         self._recently_played: deque[int] = deque(maxlen=self.max_packets)
+        self._not_audio: set[int] = set()  # extended seqs of the stream's event packets (RFC 4733)
         self._transit: float | None = None
 
     @property
@@ -76,9 +81,8 @@ class JitterBuffer:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def push(self, packet: RtpPacket, arrival: float) -> None:
-        """Take one received packet; `arrival` is the receive time in seconds."""
-        self.received += 1
+    def _extend(self, packet: RtpPacket) -> int:
+        """The packet's extended sequence number; a new or restarted stream starts afresh here."""
         if self._ssrc != packet.ssrc:
             # A new SSRC is a new stream (re-INVITE, transfer): its numbering starts afresh.
             if self._ssrc is not None:
@@ -95,7 +99,26 @@ class JitterBuffer:
                 self.resets += 1
                 self._start_stream(packet.ssrc)
                 ext = packet.sequence_number
+        return ext
 
+    def _gap(self, first: int, end: int) -> int:
+        """Audio packets missing in [first, end): numbers the stream's event packets took are not."""
+        return sum(1 for ext in range(first, end) if ext not in self._not_audio)
+
+    def skip(self, packet: RtpPacket) -> None:
+        """A packet of the stream that carries no audio (an RFC 4733 event): its number is taken."""
+        ext = self._extend(packet)
+        if self._next is not None and ext < self._next:
+            return
+        self._not_audio.add(ext)
+        self._highest = ext if self._highest is None else max(self._highest, ext)
+        while len(self._not_audio) > self.max_packets:
+            self._not_audio.discard(min(self._not_audio))
+
+    def push(self, packet: RtpPacket, arrival: float) -> None:
+        """Take one received packet; `arrival` is the receive time in seconds."""
+        self.received += 1
+        ext = self._extend(packet)
         if self._next is not None and ext < self._next:
             if ext in self._recently_played:
                 self.duplicate += 1
@@ -116,8 +139,9 @@ class JitterBuffer:
             del self._buffer[oldest]
             self.late += 1
             if self._next is not None:
-                self.lost += max(0, oldest - self._next)
+                self.lost += self._gap(self._next, oldest)
             self._next = oldest + 1
+            self._forget_not_audio()
 
     def _update_jitter(self, timestamp: int, arrival: float) -> None:
         transit = arrival * G711_CLOCK_RATE - timestamp
@@ -138,12 +162,19 @@ class JitterBuffer:
             first = min(self._buffer)
             if self._next is not None:
                 # Skip ahead over a burst loss that emptied the buffer.
-                self.lost += first - self._next
+                self.lost += self._gap(self._next, first)
             self._next = first
             self._playing = True
             self._waited = 0
+            self._forget_not_audio()
 
-        assert self._next is not None
+        if self._next is None:  # cannot happen once playing; never let it pass as a sequence number
+            self._playing = False
+            return None
+        while self._next in self._not_audio:
+            # An event took this number: no audio is missing, and the next audio plays in this tick.
+            self._not_audio.discard(self._next)
+            self._next += 1
         payload = self._buffer.pop(self._next, None)
         if payload is not None:
             self.played += 1
@@ -158,3 +189,7 @@ class JitterBuffer:
         self.lost += 1
         self._next += 1
         return None
+
+    def _forget_not_audio(self) -> None:
+        if self._next is not None:
+            self._not_audio = {ext for ext in self._not_audio if ext >= self._next}

@@ -283,6 +283,7 @@ class RtpSession:
         if packet.payload_type == self._codec_pt:
             self.jitter.push(packet, now)
             return
+        self.jitter.skip(packet)  # the event took an audio sequence number: not a lost packet
         digit = self.dtmf.feed_packet(packet)
         if digit is not None:
             self.dtmf_in += 1
@@ -404,7 +405,7 @@ class RtpSession:
             return
         try:
             self._rtp.sendto(packet.serialize(), self.remote)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # the SDP was checked; this is a last guard
             self._note_once("send", f"cannot send to {self.remote}: {exc}")
             return
         self._seq = (self._seq + 1) % (1 << 16)

@@ -1,11 +1,12 @@
 """SDP offer/answer (RFC 3264) for one G.711 phone audio stream.
 
 Parsing uses aiortc's `SessionDescription.parse`, with three gaps filled here:
-it ignores session-level direction attributes and `a=ptime`, and it raises
-StopIteration on an `a=fmtp` line whose payload type has no `a=rtpmap` (common
-for static types, e.g. `a=fmtp:18 annexb=no`). We never use the offer's fmtp
-parameters, so fmtp lines are dropped before parsing and the two missing
-attributes are read from the raw lines.
+it ignores session-level direction attributes and `a=ptime`, and it meets
+malformed input with asserts and bare `int()` (and raises StopIteration on an
+`a=fmtp` line whose payload type has no `a=rtpmap`, common for static types,
+e.g. `a=fmtp:18 annexb=no`). So only the lines we use reach it (v, o, s, c, t,
+m, rtpmap, direction, ptime), each checked first, and the two missing attributes
+are read from those lines.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ ANSWER_DIRECTION = {
 }
 
 _CONNECTION = re.compile(r"^IN (IP4|IP6) (\S+)$")
+_MEDIA = re.compile(r"^m=(\S+) (\S+) (\S+)(?: (.*))?$")
+_RTPMAP = re.compile(r"^([0-9]{1,3}) ([^/\s]+)/([0-9]{1,6})(?:/([0-9]{1,2}))?$")
+MAX_PORT = 65535
+MAX_PAYLOAD_TYPE = 127  # 7 bits in the RTP header (RFC 3550 5.1)
+# The offer's lines we read; the rest (ICE, DTLS, ssrc, rtcp, fmtp...) never reach aiortc's parser,
+# which meets malformed values of those with asserts and bare int().
+_KEPT_PREFIXES = ("v=", "o=", "s=", "c=", "t=", "m=", "a=rtpmap:", "a=ptime:")
 
 
 class SdpError(ValueError):
@@ -93,12 +101,11 @@ def negotiate(
     Among the offered codecs we accept, the offer's order wins (RFC 3264 section 6.1).
     Pass the previous answer on a re-offer so our o= version goes up by one (section 8).
     """
-    text = _decode(offer)
-    _check_connection_lines(text)
+    text = _checked(_decode(offer))
     session_lines, media_groups = grouplines(text)
     try:
-        parsed = SessionDescription.parse(_without_fmtp(text))
-    except Exception as exc:  # aiortc uses asserts and bare lookups on malformed input
+        parsed = SessionDescription.parse(text)
+    except Exception as exc:  # a last guard: the lines it reads were checked above
         raise SdpError(f"unparsable SDP: {exc!r}") from exc
 
     session_direction = _direction(session_lines) or "sendrecv"
@@ -130,6 +137,7 @@ def negotiate(
     remote_host = media.host or parsed.host
     if remote_host is None:
         raise SdpError("no c= line for the audio stream")
+    _check_reachable(remote_host, local_ip)
     remote_direction = media.direction or session_direction
     if _is_null_address(remote_host):
         # RFC 2543-style hold (RFC 3264 section 8.4): the offerer will not receive.
@@ -182,14 +190,77 @@ def _decode(offer: str | bytes) -> str:
     return offer
 
 
-def _check_connection_lines(text: str) -> None:
+def _checked(text: str) -> str:
+    """The offer's lines that negotiation reads, each checked; SdpError names the first bad one.
+
+    An address or port we cannot send to must be refused here (488), not found out after our 200 OK
+    when the first RTP packet goes out; and `c=` must be an IP literal, or sending would resolve a
+    host name in the middle of the call.
+    """
+    kept = []
     for line in text.splitlines():
-        if line.startswith("c=") and not _CONNECTION.match(line[2:].strip()):
-            raise SdpError(f"unsupported connection address (need IN IP4 or IN IP6): {line!r}")
+        line = line.strip()
+        if not line.startswith(_KEPT_PREFIXES) and not (line[2:] in DIRECTIONS and line.startswith("a=")):
+            continue
+        if line.startswith("c="):
+            _check_connection(line)
+        elif line.startswith("m="):
+            _check_media(line)
+        elif line.startswith("a=rtpmap:"):
+            _check_rtpmap(line)
+        elif line.startswith("v=") and line != "v=0":
+            raise SdpError(f"unsupported SDP version: {line[:40]!r}")
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n"
 
 
-def _without_fmtp(text: str) -> str:
-    return "\r\n".join(line for line in text.splitlines() if not line.startswith("a=fmtp:"))
+def _check_connection(line: str) -> None:
+    match = _CONNECTION.match(line[2:])
+    if match is None:
+        raise SdpError(f"unsupported connection line (need IN IP4 or IN IP6 and an address): {line[:80]!r}")
+    family, host = match.groups()
+    kind = ipaddress.IPv4Address if family == "IP4" else ipaddress.IPv6Address
+    try:
+        address = kind(host)
+    except ValueError:
+        raise SdpError(f"connection address {host[:60]!r} is not an {family} address literal") from None
+    if address.is_multicast:
+        raise SdpError(f"connection address {host} is multicast; only unicast media is supported")
+
+
+def _check_media(line: str) -> None:
+    match = _MEDIA.match(line)
+    if match is None:
+        raise SdpError(f"malformed m= line: {line[:80]!r}")
+    kind, port, profile, formats = match.groups()
+    if not port.isascii() or not port.isdigit():
+        raise SdpError(f"m={kind} port {port[:20]!r} is not a port number (one port, no /count)")
+    if int(port) > MAX_PORT:
+        raise SdpError(f"m={kind} port {port[:20]} is out of range (0-{MAX_PORT})")
+    if not re.fullmatch(r"[A-Z/]+", profile):
+        raise SdpError(f"m={kind} transport {profile[:20]!r} is not supported")
+    if not formats:
+        raise SdpError(f"m={kind} line has no formats")
+    if kind in ("audio", "video"):
+        for pt in formats.split():
+            if not pt.isascii() or not pt.isdigit() or int(pt) > MAX_PAYLOAD_TYPE:
+                raise SdpError(f"m={kind} payload type {pt[:20]!r} is not 0-{MAX_PAYLOAD_TYPE}")
+
+
+def _check_rtpmap(line: str) -> None:
+    match = _RTPMAP.match(line[len("a=rtpmap:") :])
+    if match is None or int(match.group(1)) > MAX_PAYLOAD_TYPE or int(match.group(3)) == 0:
+        raise SdpError(f"malformed rtpmap: {line[:80]!r}")
+
+
+def _check_reachable(remote_host: str, local_ip: str) -> None:
+    """Our RTP socket is of our address's family: an address of the other family cannot be sent to."""
+    try:
+        remote, local = ipaddress.ip_address(remote_host), ipaddress.ip_address(local_ip)
+    except ValueError:
+        return  # local_ip is a name (public_address): nothing to compare
+    if remote.version != local.version and not remote.is_unspecified:
+        raise SdpError(f"media address {remote_host} is IPv{remote.version}; our media is on IPv{local.version}")
 
 
 def _direction(lines: list[str]) -> str | None:

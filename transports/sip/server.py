@@ -13,7 +13,7 @@ import ipaddress
 import re
 import socket
 from collections import Counter
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from loguru import logger
@@ -32,6 +32,21 @@ SHUTDOWN_GRACE = 2.0  # seconds stop() waits for BYE answers and pending offers
 _LOGGED_LIMIT = 4096  # (source, kind) pairs remembered for log-once; a flood must not grow it forever
 # Status for an INVITE still unanswered when its dialog ends, by why it ended.
 _UNANSWERED_STATUS = {"cancel": 487, "bye": 487, "shutdown": 503, "hangup": 480}
+# Final responses that refuse a request, by the reason they are counted under (on_refusal).
+REFUSALS = {
+    400: "bad_request",
+    403: "forbidden",
+    405: "method_not_allowed",
+    415: "unsupported_media_type",
+    416: "unsupported_uri_scheme",
+    420: "bad_extension",
+    482: "loop_detected",
+    486: "busy",
+    488: "bad_sdp",
+    500: "server_error",
+    501: "not_implemented",
+    503: "unavailable",
+}
 
 
 class SipCallHandler(Protocol):
@@ -74,8 +89,16 @@ class SipServer:
         t1: float = 0.5,
         t2: float = 4.0,
         t4: float = 5.0,
+        busy: Callable[[], str | None] | None = None,
+        on_refusal: Callable[[str], None] | None = None,
     ):
+        """`busy`: why the application cannot take one more call now (None: it can), asked before each
+        new INVITE (486 when busy) and OPTIONS (503, so a dispatcher stops sending calls).
+        `on_refusal`: told the reason each time a request is refused or a call ends by a timeout
+        ('bad_request', 'forbidden', 'busy', 'bad_sdp', 'no_ack', ...; see REFUSALS)."""
         self.handler = handler
+        self.busy = busy
+        self.on_refusal = on_refusal
         self.host, self.port, self.public_address = host, port, public_address
         self.allow = allow or AllowList([])
         self.auth = auth
@@ -152,11 +175,41 @@ class SipServer:
         to_tag: str | None = None,
         headers: Iterable[tuple[str, str]] = (),
         body: bytes = b"",
+        refusal: str | None = None,
     ) -> None:
+        """`refusal`: the reason a refusing status is counted under, when not the status's own ("": not
+        counted)."""
+        if kind := REFUSALS.get(status) if refusal is None else refusal:
+            self.refused(kind)
         headers = [*headers, ("Server", self.user_agent)]
         # §8.2.6.2: every response but 100 Trying carries our To tag.
         tag = None if status == 100 else to_tag or new_tag()
         tx.respond(tx.request.response(status, reason, to_tag=tag, headers=headers, body=body))
+
+    def refused(self, kind: str) -> None:
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(kind)
+            except Exception:
+                logger.exception("SIP on_refusal failed")
+
+    # Capacity ----------------------------------------------------------------------------------
+
+    @property
+    def awaiting_ack(self) -> int:
+        """Calls answered 200 OK whose ACK has not come: each holds a call slot and its media."""
+        return sum(1 for d in self.dialogs.values() if d.ok_bytes is not None and not d.confirmed and not d.ended)
+
+    def not_ready_reason(self) -> str | None:
+        """Why a new call would be refused now, or None. Every dialog counts against max_calls,
+        ringing, awaiting its ACK or running."""
+        if self._stopping:
+            return "shutting down"
+        if len(self.dialogs) >= self.max_calls:
+            return f"{len(self.dialogs)} calls of max_calls {self.max_calls}"
+        if self.busy is not None:
+            return self.busy()
+        return None
 
     # Ending dialogs ----------------------------------------------------------------------------
 
@@ -171,12 +224,14 @@ class SipServer:
             del self.dialogs[dialog.call_id]
         bye = dialog.start_bye() if send_bye and dialog.ok_bytes is not None else None
         if dialog.ok_bytes is None and dialog.invite_tx is not None:
-            self.respond(dialog.invite_tx, _UNANSWERED_STATUS.get(reason, 480), to_tag=dialog.local_tag)
+            status = _UNANSWERED_STATUS.get(reason, 480)
+            self.respond(dialog.invite_tx, status, to_tag=dialog.local_tag, refusal=reason if status == 503 else None)
         await self.notify_end(dialog, reason)
         if bye is not None:
             await bye.result
 
     def on_no_ack(self, dialog: Dialog) -> None:
+        self.refused("no_ack")
         logger.warning(
             "no ACK for our 2xx on call {} from {}: hanging up", dialog.call_id, dialog.remote_addr
         )
@@ -236,6 +291,7 @@ class SipServer:
             self._note("unparseable", addr, f"dropped a datagram from {addr[0]}:{addr[1]}: {problem}")
             return
         self._note("bad_request", addr, f"{request.method} from {addr[0]}:{addr[1]} answered 400: {problem}")
+        self.refused("bad_request")
         try:
             response = request.response(
                 400, _bad_request(problem), to_tag=new_tag(), headers=[("Server", self.user_agent)]
@@ -286,7 +342,13 @@ class SipServer:
             self.respond(tx, 200)
             self._spawn(self.terminate(dialog, "bye"), f"BYE for call {dialog.call_id}")
         elif method == "OPTIONS":
-            self.respond(tx, 200, headers=[("Allow", ALLOW), ("Accept", SDP)])
+            # A dispatcher's keep-alive probe (Kamailio): 503 while a new call would be refused takes
+            # this server out of its rotation until the probe is answered 200 again.
+            not_ready = self.not_ready_reason()
+            if not_ready is not None:
+                self.respond(tx, 503, _phrase("Service Unavailable", not_ready), refusal="")  # a probe, not a call
+            else:
+                self.respond(tx, 200, headers=[("Allow", ALLOW), ("Accept", SDP)])
         elif method in ("INFO", "NOTIFY"):
             # INFO carries application/dtmf-relay; NOTIFY reports on a REFER we sent. Both only in a dialog.
             self.respond(tx, 200 if in_dialog else 481)
@@ -314,11 +376,11 @@ class SipServer:
             tx.respond(response)
             return
         if self._stopping:
-            self.respond(tx, 503, headers=[("Retry-After", "30")])
+            self.respond(tx, 503, headers=[("Retry-After", "30")], refusal="shutting_down")
             return
-        if len(self.dialogs) >= self.max_calls:
-            self._note("busy", addr, f"call from {addr[0]} refused: {self.max_calls} calls already")
-            self.respond(tx, 486)
+        if (busy := self.not_ready_reason()) is not None:
+            self._note("busy", addr, f"call from {addr[0]} refused: {busy}")
+            self.respond(tx, 486, _phrase("Busy Here", busy))
             return
         if not request.contacts:
             self.respond(tx, 400, _bad_request("INVITE has no Contact"))
@@ -369,7 +431,7 @@ class SipServer:
         encoding = (request.header("Content-Encoding") or "identity").strip().lower()
         if not request.body:
             # Offer-less INVITE: the handler answers offers, it cannot make one.
-            self.respond(tx, 488, "Not Acceptable Here (no SDP offer in the INVITE)")
+            self.respond(tx, 488, "Not Acceptable Here (no SDP offer in the INVITE)", refusal="no_sdp")
         elif content_type != SDP or encoding != "identity":
             self.respond(tx, 415, headers=[("Accept", SDP), ("Accept-Encoding", "identity")])
         elif request.headers.get("Require"):
@@ -441,8 +503,13 @@ class SipServer:
 
 def _bad_request(problem: str) -> str:
     """A 400 reason phrase naming the problem, kept to one short printable line."""
+    return _phrase("Bad Request", problem)
+
+
+def _phrase(status_text: str, problem: str) -> str:
+    """A reason phrase naming the problem, kept to one short printable line."""
     problem = re.sub(r"[^\x20-\x7e]", "?", problem)
-    return f"Bad Request ({problem[:120]})"
+    return f"{status_text} ({problem[:120]})"
 
 
 def _salvage_request(data: bytes) -> SipRequest | None:

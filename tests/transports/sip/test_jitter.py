@@ -166,3 +166,56 @@ def test_start_depth_grows_with_measured_jitter_and_applies_at_the_next_start():
         buffer.push(rtp(seq), seq * PTIME)  # on time: the estimate decays only slowly
         played.append(label(buffer.pop()))
     assert played == [None, None, None, 0, 1, 2]
+
+
+def dtmf(seq: int, *, ssrc: int = SSRC) -> RtpPacket:
+    """An RFC 4733 event packet of the same stream: same SSRC, next sequence number, PT 101."""
+    packet = RtpPacket(
+        payload_type=101, sequence_number=seq % 65536, timestamp=0x1000, ssrc=ssrc, payload=b"\x05\x0a\x00\xa0"
+    )
+    return RtpPacket.parse(packet.serialize())
+
+
+def test_sequence_numbers_taken_by_rfc4733_events_are_not_lost():
+    # Audio 0-9, a key press as events 10-19 (no audio meanwhile, as phones do), audio 20-29.
+    buffer = JitterBuffer(depth_packets=2)
+    arrivals = [[rtp(i)] for i in range(10)] + [[dtmf(i)] for i in range(10, 20)] + [[rtp(i)] for i in range(20, 30)]
+    for tick, packets in enumerate(arrivals + [[]] * 5):
+        for packet in packets:
+            if packet.payload_type == 0:
+                buffer.push(packet, tick * PTIME)
+            else:
+                buffer.skip(packet)
+        buffer.pop()
+    assert (buffer.played, buffer.lost, buffer.late) == (20, 0, 0)
+
+
+def test_events_interleaved_with_audio_are_skipped_without_loss_and_real_loss_still_counts():
+    buffer = JitterBuffer(depth_packets=2)
+    # Audio and events alternate (a sender that keeps audio going during the press), 15 is lost.
+    played = []
+    for tick, seq in enumerate(range(0, 30)):
+        if seq % 3 == 1:
+            buffer.skip(dtmf(seq))
+        elif seq != 15:
+            buffer.push(rtp(seq), tick * PTIME)
+        played.append(label(buffer.pop()))
+    for _ in range(10):
+        played.append(label(buffer.pop()))
+    audio = [s for s in range(30) if s % 3 != 1 and s != 15]
+    assert [p for p in played if p is not None] == audio
+    assert buffer.lost == 1
+
+
+def test_events_across_the_sequence_wrap_are_not_lost():
+    buffer = JitterBuffer(depth_packets=2)
+    seqs = range(65530, 65550)
+    for tick, seq in enumerate(seqs):
+        if 65534 <= seq < 65540:
+            buffer.skip(dtmf(seq))
+        else:
+            buffer.push(rtp(seq, first_seq=65530), tick * PTIME)
+        buffer.pop()
+    for _ in range(10):
+        buffer.pop()
+    assert (buffer.played, buffer.lost) == (14, 0)

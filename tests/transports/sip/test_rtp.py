@@ -298,3 +298,30 @@ async def test_a_backlog_left_by_a_stalled_loop_is_handed_on_at_once_not_kept_as
     assert session.caught_up >= 15
     loud = sum(int((np.abs(pcm) > 200).sum() > 0) for _, pcm in heard)
     assert loud >= 27  # nothing the caller said was dropped
+
+
+async def test_a_key_press_in_the_callers_stream_is_not_counted_as_lost_audio():
+    # The phone numbers its RFC 4733 packets in the audio's sequence (same SSRC), sending no audio
+    # meanwhile: the jump in the audio's numbering is the key press, not loss.
+    digits = []
+
+    async def on_dtmf(digit):
+        digits.append(digit)
+
+    session, far = await session_with_peer(on_dtmf=on_dtmf, on_audio=lambda pcm: asyncio.sleep(0))
+    tone = ulaw_encode(np.frombuffer(TONE, np.int16)[:160])
+    press = dtmf_packets("5", payload_type=101, ssrc=77, seq=10, timestamp=1600)
+    after = 10 + len(press)
+    try:
+        start = time.monotonic()
+        wire = [audio_packet(s, tone) for s in range(10)] + [p.serialize() for p in press]
+        wire += [audio_packet(s, tone) for s in range(after, after + 10)]
+        for n, data in enumerate(wire):
+            far.send(data, session.port)
+            await asyncio.sleep(max(0.0, start + (n + 1) * 0.02 - time.monotonic()))
+        await wait_for(lambda: session.jitter.played >= 20)
+        stats = session.stats()
+    finally:
+        session.close()
+    assert digits == ["5"] and session.dtmf_in == 1
+    assert (stats["lost"], stats["late"], stats["bad"]) == (0, 0, 0)

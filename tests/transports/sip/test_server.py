@@ -449,3 +449,90 @@ async def test_stop_hangs_up_every_call_with_shutdown(setup):
     caller.send(answer_to(bye))
     await asyncio.wait_for(stopping, WAIT + 3)
     assert handler.events[-1] == ("end", "call-1", "shutdown")
+
+
+# Refusals counted by reason, capacity that a dispatcher can see, offers we cannot send media to ----------
+
+
+def bad_offer(change: tuple[str, str]) -> bytes:
+    return sdp().replace(change[0].encode(), change[1].encode())
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (("m=audio 6000", "m=audio 70000"), "port 70000 is out of range"),
+        (("m=audio 6000", "m=audio six"), "port 'six' is not a port number"),
+        (("c=IN IP4 127.0.0.1", "c=IN IP4 999.999.1.1"), "not an IP4 address literal"),
+        (("c=IN IP4 127.0.0.1", "c=IN IP4 media.example.com"), "not an IP4 address literal"),
+    ],
+)
+async def test_an_offer_we_cannot_send_media_to_is_488_naming_why_and_never_answered(setup, change, named):
+    server, handler, caller = setup
+    refusals = []
+    server.on_refusal = refusals.append
+    caller.send(caller.request("INVITE", body=bad_offer(change)))
+    response = await caller.final()
+    assert response.status == 488 and named in response.reason
+    assert server.dialogs == {} and not handler.ended.is_set()
+    assert refusals == ["bad_sdp"]
+
+
+async def test_refusals_are_reported_by_reason(setup):
+    server, handler, caller = setup
+    refusals = []
+    server.on_refusal = refusals.append
+    caller.send(caller.request("INVITE", "c1", body=sdp(codecs="18")))  # no common codec
+    assert (await caller.final()).status == 488
+    caller.send(caller.request("INVITE", "c2").replace(b"Contact: ", b"X-Contact: "))
+    assert (await caller.final()).status == 400
+    caller.send(caller.request("INVITE", "c3", body=sdp()).replace(b"application/sdp", b"text/plain"))
+    assert (await caller.final()).status == 415
+    caller.send(GOOD_OPTIONS.replace(b"{port}", str(caller.port).encode()).replace(b"{n}", b"9") + b"Content-Length: x\r\n\r\n")
+    assert (await caller.recv()).status == 400
+    server.allow = AllowList(["10.0.0.0/8"])
+    caller.send(caller.request("INVITE", "c4", body=sdp()))
+    assert (await caller.final()).status == 403
+    assert refusals == ["bad_sdp", "bad_request", "unsupported_media_type", "bad_request", "forbidden"]
+
+
+async def test_a_call_awaiting_its_ack_is_counted_then_the_no_ack_timeout_reported(setup):
+    server, handler, caller = setup
+    refusals = []
+    server.on_refusal = refusals.append
+    assert server.awaiting_ack == 0
+    await caller.call(ack=False)
+    assert server.awaiting_ack == 1 and len(server.dialogs) == 1
+    while not isinstance(message := await caller.recv(), SipRequest):  # 64*T1 later: BYE
+        pass
+    caller.send(answer_to(message))
+    await asyncio.wait_for(handler.ended.wait(), WAIT)
+    assert server.awaiting_ack == 0 and refusals == ["no_ack"]
+
+
+@pytest.mark.parametrize("setup", [{"max_calls": 1}], indirect=True)
+async def test_a_call_awaiting_its_ack_holds_a_slot_so_the_next_is_busy(setup):
+    server, handler, caller = setup
+    await caller.call("call-1", ack=False)
+    caller.send(caller.request("INVITE", "call-2", body=sdp()))
+    busy = await caller.final()
+    assert (busy.status, busy.call_id) == (486, "call-2") and "max_calls 1" in busy.reason
+
+
+async def test_when_the_application_is_busy_invites_get_486_and_options_503(setup):
+    server, handler, caller = setup
+    refusals = []
+    server.on_refusal = refusals.append
+    reason = "engine behind real time"
+    server.busy = lambda: reason
+    caller.send(caller.request("OPTIONS", "probe-1"))
+    probe = await caller.final("OPTIONS")
+    assert probe.status == 503 and reason in probe.reason
+    caller.send(caller.request("INVITE", "call-1", body=sdp()))
+    busy = await caller.final()
+    assert busy.status == 486 and reason in busy.reason
+    assert handler.events == [] and server.dialogs == {}
+    reason = None  # caught up: a dispatcher's next probe puts this server back in rotation
+    caller.send(caller.request("OPTIONS", "probe-2"))
+    assert (await caller.final("OPTIONS")).status == 200
+    assert refusals == ["busy"]  # the probes are not refusals of calls

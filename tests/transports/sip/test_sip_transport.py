@@ -22,6 +22,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
+from agent.metrics import ServerMetrics
 from agent.runtime import AgentRuntime
 from agent.spec import SIPTransportSpec, load_agent
 from processors.audio import ulaw_decode, ulaw_encode
@@ -210,8 +211,20 @@ class FakeCall:
 
 
 class FakeRuntime:
+    """What SipCalls uses of an AgentRuntime; its capacity is the real runtime's (one owner of it)."""
+
+    max_sessions = 32
+    engine_status = None
+    busy_reason = AgentRuntime.busy_reason
+    engine_state = AgentRuntime.engine_state
+    reserve = AgentRuntime.reserve
+    release = AgentRuntime.release
+    sessions = AgentRuntime.sessions
+
     def __init__(self, lasts=None):
         self.calls, self.lasts, self.made, self.transports = {}, lasts, [], []
+        self.reserved = set()
+        self.metrics = ServerMetrics()
 
     def new_call(self, transport, *, kind, call_id, in_rate, out_rate):
         assert (kind, in_rate, out_rate) == ("sip", 8000, 8000) and isinstance(transport, SipCallTransport)
@@ -340,3 +353,51 @@ def test_sip_server_needs_the_password_variable(monkeypatch):
     monkeypatch.setenv("TEST_SIP_PASSWORD_X", "secret")
     server = sip_server(runtime, spec)
     assert server.auth is not None and isinstance(server.handler, SipCalls)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [("m=audio {port}", "m=audio 70000"), ("m=audio {port}", "m=audio x"), ("c=IN IP4 127.0.0.1", "c=IN IP4 999.999.1.1")],
+)
+async def test_an_offer_we_cannot_send_to_is_refused_before_any_rtp_and_holds_nothing(change):
+    far = await peer()
+    runtime = FakeRuntime()
+    calls = sip_calls(runtime)
+    dialog = FakeDialog(calls)
+    bad = offer(far.port).replace(change[0].format(port=far.port), change[1])
+    assert bad != offer(far.port)
+    with pytest.raises(SdpError):  # the server answers it 488
+        await calls.offer(dialog, bad.encode())
+    await asyncio.sleep(0.1)
+    assert calls.media == {} and calls.pool.in_use == set() and runtime.reserved == set()
+    assert far.packets == []
+
+
+async def test_an_answered_call_holds_a_session_until_its_ack_and_beyond_max_sessions_is_486():
+    far = await peer()
+    runtime = FakeRuntime()
+    runtime.max_sessions = 1
+    calls = sip_calls(runtime)
+    first, second = FakeDialog(calls, "a"), FakeDialog(calls, "b")
+    await calls.offer(first, offer(far.port).encode())
+    assert runtime.sessions == 1 and runtime.calls == {}  # answered, awaiting its ACK
+    with pytest.raises(CallRejected) as refused:
+        await calls.offer(second, offer(far.port).encode())
+    assert refused.value.status == 486 and "max_sessions 1" in refused.value.reason
+    assert second not in calls.media and len(calls.pool.in_use) == 1
+    await calls.start(first)  # the ACK: the running call now holds the session, not the reservation
+    assert runtime.reserved == set()
+    await calls.end(first, "bye")
+    await calls.close()
+
+
+async def test_a_silent_peer_hung_up_is_counted_as_an_rtp_timeout():
+    far = await peer()
+    runtime = FakeRuntime()
+    calls = sip_calls(runtime, rtp_timeout=0.3)
+    dialog = FakeDialog(calls)
+    await calls.offer(dialog, offer(far.port).encode())
+    await calls.start(dialog)
+    await wait_for(lambda: dialog.hung_up, timeout=3)
+    assert runtime.metrics.sip_refusals == {"rtp_timeout": 1}
+    await calls.close()

@@ -141,6 +141,20 @@ async def test_sipp_options_ping(agent, tmp_path):
     assert handler.events == []
 
 
+async def test_sipp_offer_with_port_70000_is_488_and_the_call_never_starts(agent, tmp_path):
+    server, handler = agent
+    assert succeeded(await sipp("uac_bad_sdp.xml", server.port, tmp_path))
+    assert handler.events == [("offer", handler.events[0][1])]  # refused in offer(): no 200, no start
+    assert server.dialogs == {}
+
+
+async def test_sipp_busy_when_the_application_says_so(agent, tmp_path):
+    server, handler = agent
+    server.busy = lambda: "at capacity: 32 of max_sessions 32"
+    assert succeeded(await sipp("uac_busy.xml", server.port, tmp_path))
+    assert handler.events == []
+
+
 @pytest.mark.parametrize("agent", [{"max_calls": 1}], indirect=True)
 async def test_sipp_busy_at_capacity(agent, tmp_path):
     server, handler = agent
