@@ -21,6 +21,7 @@ class ServerMetrics:
         self.calls_active = 0
         self.calls = Counter()  # by transport
         self.turns = 0
+        self.turns_failed = 0
         self.barge_ins = 0
         self.dropped_input = Counter()  # by reason
         self.ttfa_counts = [0] * (len(TTFA_BUCKETS) + 1)
@@ -60,6 +61,10 @@ class ServerMetrics:
         with self._lock:
             self.turns += 1
 
+    def turn_failed(self) -> None:
+        with self._lock:
+            self.turns_failed += 1
+
     def barge_in(self) -> None:
         with self._lock:
             self.barge_ins += 1
@@ -85,6 +90,9 @@ class ServerMetrics:
                 "# HELP chroma_agents_turns_total Agent replies started.",
                 "# TYPE chroma_agents_turns_total counter",
                 f"chroma_agents_turns_total {self.turns}",
+                "# HELP chroma_agents_turns_failed_total Agent replies the model failed on (the apology played instead).",
+                "# TYPE chroma_agents_turns_failed_total counter",
+                f"chroma_agents_turns_failed_total {self.turns_failed}",
                 "# HELP chroma_agents_barge_ins_total Agent replies cut by the caller speaking.",
                 "# TYPE chroma_agents_barge_ins_total counter",
                 f"chroma_agents_barge_ins_total {self.barge_ins}",

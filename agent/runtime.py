@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from flows.runtime import CallFlow
 from processors.chroma.checkpoint import load_model
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.generation import Sampling, ThinkerStream
-from processors.chroma.service import ChromaS2SService
+from processors.chroma.service import FRAME_SECONDS, ChromaS2SService, ModelErrorAudio, render_line
 from processors.playout import PlayoutTracker
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
@@ -64,6 +65,12 @@ _call_ids = itertools.count(1)
 def busy_label(reason: str) -> str:
     """A metrics label for a busy reason: its words before any detail ("at capacity: 3 of ...")."""
     return reason.split(":")[0].strip().replace(" ", "_")
+# A line said with `say` ends when its text does; this caps its rendering for a model that runs on (the
+# tiny stand-in never stops by itself): about 11 characters a second, slower than anyone speaks.
+LINE_SECS_PER_CHAR = 0.09
+LINE_LEAD_SECS = 1.0
+# How often the page hears how a reply is going (its text and length so far), at most.
+PROGRESS_EVERY_SECS = 0.5
 
 
 def model_source(source: str) -> str:
@@ -89,6 +96,7 @@ class CallStats:
     ended: float | None = None
     turns: int = 0
     barge_ins: int = 0
+    failed_turns: int = 0  # replies the model failed on
     ttfa: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     cut_replies: list[tuple[int, int]] = field(default_factory=list)  # (frames heard, frames sent) per barge-in
@@ -161,6 +169,33 @@ class AgentRuntime:
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
         self.metrics.set_gauges("runtime", self._gauges)
+        # Filled in by prepare(); until then a failed reply is reported but nothing plays in its place.
+        self.model_error_audio = ModelErrorAudio(hang_up_after=spec.response.on_model_error.hang_up_after)
+        self._prepared = False
+
+    async def prepare(self) -> None:
+        """Render, once, what the agent says when its model fails (response.on_model_error), in its
+        voice, through the engine: kept in memory, it plays even while the model is failing. The
+        server does this as it starts, before it takes calls; later calls are no-ops."""
+        if self._prepared:
+            return
+        self._prepared = True
+        lines = self.spec.response.on_model_error
+        started = time.monotonic()
+        apology, goodbye = await self._render(lines.say), await self._render(lines.goodbye)
+        self.model_error_audio = ModelErrorAudio(apology, goodbye, lines.hang_up_after)
+        if apology is not None and goodbye is not None:
+            logger.info(f"model-error lines rendered in {time.monotonic() - started:.1f} s")
+
+    async def _render(self, text: str) -> bytes | None:
+        r = self.spec.response
+        frames = min(r.max_frames, math.ceil((LINE_LEAD_SECS + LINE_SECS_PER_CHAR * len(text)) / FRAME_SECONDS))
+        try:
+            session = self.model.new_session(self.voice, "", chunk_frames=r.chunk_frames, max_frames=frames)
+            return await render_line(session, text)
+        except Exception:
+            logger.exception(f"could not render {text!r} for when the model fails; such replies will be silent")
+            return None
 
     def find_voice(self, ref: str):
         """A voice by library name or folder (relative to the agent file), loaded once per process.
@@ -294,7 +329,7 @@ class Call:
         self._ending: asyncio.Task | None = None
         # (time.monotonic(), kind, data) of what the agent side saw and did: the conversation tests'
         # agent-side events. Kinds: user_speaking, tool_call, tool_result, node, agent_text, dtmf_sent,
-        # transferred, agent_hung_up.
+        # transferred, agent_hung_up, turn_failed.
         self.timeline: list[tuple[float, str, dict]] = []
         self.flow = CallFlow(spec.flow_file, PipelineCallControl(self)) if spec.flow_file is not None else None
         if self.flow is not None:
@@ -317,7 +352,11 @@ class Call:
         messages = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
         self.context = LLMContext(messages=messages)
         self.service = ChromaS2SService(
-            runtime.new_session(), context=self.context, out_rate=out_rate, name=f"chroma-{call_id}"
+            runtime.new_session(),
+            context=self.context,
+            out_rate=out_rate,
+            model_error=runtime.model_error_audio,
+            name=f"chroma-{call_id}",
         )
         self.aggregators = LLMContextAggregatorPair(
             self.context,
@@ -383,12 +422,32 @@ class Call:
             metrics.first_audio(seconds)
             await self.tell_client({"event": "ttfa", "turn": stats.turns, "ms": round(seconds * 1000)})
 
+        told = {"turn": 0, "seconds": 0.0}  # the reply the page last heard about, and how far
+
+        @service.event_handler("on_reply_progress")
+        async def _progress(_service, text, seconds):
+            # The page's transcript fills as the reply goes, not only once it ends (a long reply, or
+            # the caller hanging up first, would leave it empty).
+            if told["turn"] != stats.turns or seconds - told["seconds"] >= PROGRESS_EVERY_SECS:
+                told.update(turn=stats.turns, seconds=seconds)
+                await self.tell_client({"event": "reply", "turn": stats.turns, "text": text, "seconds": seconds})
+
         @service.event_handler("on_turn_finished")
         async def _finished(_service, text, interrupted):
             stats.texts.append(text)
             if not interrupted:  # a cut reply is noted once the caller's side says what it heard
                 self.note("agent_text", text=text, interrupted=False, sent_text=service.sent_text)
             await self.tell_client({"event": "text", "turn": stats.turns, "text": text, "interrupted": interrupted})
+
+        @service.event_handler("on_turn_failed")
+        async def _failed(_service, error, in_row, hanging_up):
+            stats.failed_turns += 1
+            metrics.turn_failed()
+            self.note("turn_failed", error=repr(error), in_row=in_row)
+            if hanging_up:
+                self.ended_by_agent = True
+                self.note("agent_hung_up")
+            await self.tell_client({"event": "turn_failed", "turn": stats.turns, "in_row": in_row})
 
         @service.event_handler("on_input_dropped")
         async def _dropped(_service, reason):

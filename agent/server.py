@@ -197,6 +197,8 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # Before the first call: what the agent says if its model fails is rendered while it works.
+        await runtime.prepare()
         if sip is not None:
             await sip.start()
             spec = runtime.spec.transports.sip

@@ -138,6 +138,27 @@ class TurnSpec(_Section):
     )
 
 
+class ModelErrorSpec(_Section):
+    """What the caller hears when the model fails on a reply, instead of silence."""
+
+    say: NonEmptyText = Field(
+        "I'm sorry, something went wrong on my side. Could you say that again?",
+        description="Said in place of a reply that failed. Rendered in the agent's voice when the agent loads "
+        "and kept, so it plays even while the model is failing.",
+    )
+    hang_up_after: StrictInt = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Replies failing in a row that end the call: the last one says the goodbye, then the agent "
+        "hangs up, rather than leaving the caller to talk to a model that keeps failing.",
+    )
+    goodbye: NonEmptyText = Field(
+        "I'm sorry, I'm having technical trouble. Please call again in a little while. Goodbye.",
+        description="Said before the agent hangs up after hang_up_after failed replies; rendered with `say`.",
+    )
+
+
 class ResponseSpec(_Section):
     """How the agent's reply is generated and streamed."""
 
@@ -151,6 +172,9 @@ class ResponseSpec(_Section):
     )
     top_k: StrictInt = Field(50, ge=1, le=1000, description="Sample from this many most likely tokens.")
     allow_interruptions: StrictBool = Field(True, description="Whether the caller can barge in on a reply.")
+    on_model_error: ModelErrorSpec = Field(
+        default_factory=ModelErrorSpec, description="What the agent says when its model fails on a reply."
+    )
 
     @property
     def max_frames(self) -> int:

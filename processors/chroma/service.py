@@ -10,6 +10,10 @@ the session reports a parsed call, `run_function_calls` runs the registered hand
 (seen here as it is broadcast) goes back into the thinker. The `LLMContextFrame` that pipecat sends
 next (a result with run_llm, or a new node's LLMRunFrame) starts the reply that continues the turn.
 Telephony actions arrive in order with the other frames as `CallActionFrame`s.
+
+A reply that fails (the engine raised) is replaced by an apology rendered ahead in the agent's voice
+(`ModelErrorAudio`), so the caller is not left in silence; after several failures in a row the
+service says goodbye and ends the call.
 """
 
 from __future__ import annotations
@@ -61,6 +65,28 @@ FRAME_SECONDS = 0.08  # one Chroma audio frame
 PLAYED_OUT_GRACE_SECS = 3.0
 
 
+def pcm16(audio: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit PCM, the way every reply's audio leaves the service."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
+
+
+async def render_line(session, text: str) -> bytes:
+    """`text` said in `session`'s voice, whole, as 16-bit mono PCM at the engine's 24 kHz."""
+    return b"".join([pcm16(chunk.audio) async for chunk in session.respond(None, say=text)])
+
+
+@dataclass(frozen=True)
+class ModelErrorAudio:
+    """What replaces a reply the model failed on: lines rendered ahead (`render_line`), because the
+    model may be failing when they are needed. `None`: that line could not be rendered; nothing plays.
+
+    `hang_up_after`: failed replies in a row that end the call, the last one with `goodbye`."""
+
+    apology: bytes | None = None
+    goodbye: bytes | None = None
+    hang_up_after: int = 3
+
+
 @dataclass
 class CallActionFrame(ControlFrame):
     """A flow's telephony action, queued at the top of the call's pipeline so that it takes its turn
@@ -87,7 +113,10 @@ class ChromaS2SService(LLMService):
     Events: on_turn_started(service, turn), on_first_audio(service, ttfa_seconds),
     on_turn_finished(service, text, interrupted), on_barge_in(service, heard_frames, sent_frames),
     on_input_dropped(service, reason), on_tool_call(service, call), on_tool_result(service, call_id, result),
-    on_user_speaking(service, speaking): the caller's turn opened (True) or closed (False).
+    on_user_speaking(service, speaking): the caller's turn opened (True) or closed (False),
+    on_reply_progress(service, text, seconds): the reply so far, at each chunk,
+    on_turn_failed(service, error, failed_in_row, hanging_up): a reply failed and was replaced by the
+    apology (or, the last allowed, by the goodbye before the call ends).
     `sent_text` is the text of the current (or last) reply generated so far.
     """
 
@@ -99,11 +128,13 @@ class ChromaS2SService(LLMService):
         out_rate: int = SAMPLE_RATE,
         preroll_secs: float = 0.5,
         max_turn_secs: float = 60.0,
+        model_error: ModelErrorAudio | None = None,
         **kwargs,
     ):
         """`out_rate`: the rate the call's output transport plays (8000 on the phone). Each reply is
         resampled here and its filter flushed when the reply ends, so no reply's last ~0.1 s waits in
-        a streaming resampler for the next reply."""
+        a streaming resampler for the next reply. `model_error`: what a failed reply is replaced by;
+        without it a failed reply is only reported, and the call goes on."""
         # Sampling lives in the session; pipecat's text-LLM knobs do not apply to a speech model.
         settings = LLMSettings(
             model=str(getattr(session.model, "source", "chroma")),
@@ -132,6 +163,8 @@ class ChromaS2SService(LLMService):
         self._reply_task: asyncio.Task | None = None
         self._frames_pushed = 0
         self._turn_count = 0
+        self.model_error = model_error
+        self._failed_in_row = 0
         self._seen_messages = 0
         # The call's LLMContext (shared with its aggregators): flows append a node's task messages there,
         # and the thinker reads the new system ones before each reply. Function calls carry it too.
@@ -143,7 +176,7 @@ class ChromaS2SService(LLMService):
         session.on_tool_call = self._tool_call
         self.sent_text = ""
         for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped",
-                     "on_tool_call", "on_tool_result", "on_user_speaking"):
+                     "on_tool_call", "on_tool_result", "on_user_speaking", "on_reply_progress", "on_turn_failed"):
             self._register_event_handler(name)
 
     def can_generate_metrics(self) -> bool:
@@ -299,6 +332,7 @@ class ChromaS2SService(LLMService):
         await self.push_frame(LLMFullResponseStartFrame())
         said = self.sent_text = ""
         started = False
+        failure: Exception | None = None
         out = StreamResampler(SAMPLE_RATE, self.out_rate) if self.out_rate != SAMPLE_RATE else None
         try:
             async for chunk in self.session.respond(user_audio, say=say):
@@ -307,7 +341,7 @@ class ChromaS2SService(LLMService):
                     await self.stop_ttfb_metrics()
                     await self._call_event_handler("on_first_audio", time.time() - turn_end)
                     await self.push_frame(TTSStartedFrame())
-                pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
+                pcm = pcm16(chunk.audio)
                 if out is not None:
                     pcm = out.process(pcm)
                 audio = TTSAudioRawFrame(audio=pcm, sample_rate=self.out_rate, num_channels=1)
@@ -317,11 +351,22 @@ class ChromaS2SService(LLMService):
                 if len(chunk.text) > len(said) and chunk.text.startswith(said):
                     await self._push_text(chunk.text[len(said) :])
                     said = self.sent_text = chunk.text
-        except Exception as exc:  # a failed turn ends that turn, never the call
-            logger.exception(f"{self}: turn {self._turn_count} failed: {exc}")
-            await self.push_error(f"Chroma turn failed: {exc}", exception=exc)
+                await self._call_event_handler("on_reply_progress", said, chunk.frames[1] * FRAME_SECONDS)
+        except Exception as exc:  # a failed reply ends that reply (replaced by the apology), never the call
+            failure = exc
         finally:
             await self.stop_processing_metrics()
+        hanging_up = False
+        if failure is None:
+            self._failed_in_row = 0
+        else:
+            hanging_up, line = self._failed(failure)
+            if line:  # where the failed reply stopped, in the same span of agent audio
+                if not started:
+                    started = True
+                    await self.push_frame(TTSStartedFrame())
+                await self._push_line(line, out)
+            await self._call_event_handler("on_turn_failed", failure, self._failed_in_row, hanging_up)
         if started:
             tail = out.flush() if out is not None else b""
             if tail:
@@ -329,6 +374,31 @@ class ChromaS2SService(LLMService):
             await self.push_frame(TTSStoppedFrame())
         await self.push_frame(LLMFullResponseEndFrame())
         await self._call_event_handler("on_turn_finished", said, False)
+        if hanging_up:
+            await self.end_call()
+
+    def _failed(self, error: Exception) -> tuple[bool, bytes | None]:
+        """A reply failed: whether the call is to end (`hang_up_after` failures in a row), and the line
+        to play in its place. Logged here, once, under the service's name (which carries the call's id)."""
+        self._failed_in_row += 1
+        policy = self.model_error
+        hanging_up = policy is not None and self._failed_in_row >= policy.hang_up_after
+        line = None if policy is None else policy.goodbye if hanging_up else policy.apology
+        then = "saying goodbye and hanging up" if hanging_up else "playing the apology" if line else "nothing to play"
+        logger.opt(exception=error).error(
+            f"{self}: reply {self._turn_count} failed ({self._failed_in_row} in a row): {error!r}; {then}"
+        )
+        return hanging_up, line
+
+    async def _push_line(self, pcm: bytes, out: StreamResampler | None) -> None:
+        """Pre-rendered 24 kHz speech, pushed as a reply's audio is: in two-frame pieces, at out_rate."""
+        step = 2 * round(SAMPLE_RATE * FRAME_SECONDS) * 2  # bytes of two frames of 16-bit samples
+        for start in range(0, len(pcm), step):
+            piece = pcm[start : start + step]
+            if out is not None:
+                piece = out.process(piece)
+            if piece:
+                await self.push_frame(TTSAudioRawFrame(audio=piece, sample_rate=self.out_rate, num_channels=1))
 
     # -- tools and telephony actions -----------------------------------------------------
 

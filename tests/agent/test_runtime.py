@@ -96,3 +96,58 @@ def test_call_command_reports_a_bad_agent_file(tmp_path, capsys):
     assert main(["call", str(bad), "--input", str(caller_wav), "--output", str(tmp_path / "o.wav")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: voice: './nowhere' is not a folder" in err
+
+
+@requires_espeak
+async def test_failed_replies_play_the_rendered_lines_count_in_metrics_and_end_the_call(tmp_path, tiny_model, monkeypatch):
+    from agent.runtime import AgentRuntime
+    from agent.simulate import simulate_call
+    from agent.spec import load_agent
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        f"""
+name: failing agent
+model: tiny
+voice: {ROOT / "examples/voices/demo"}
+turn:
+  detector: silence
+  silence_secs: 0.5
+response:
+  on_model_error:
+    say: Sorry, say that again?
+    hang_up_after: 2
+    goodbye: Sorry, goodbye.
+"""
+    )
+    runtime = AgentRuntime(load_agent(path), model=tiny_model)
+    await runtime.prepare()
+    lines = runtime.model_error_audio
+    assert lines.apology and lines.goodbye and lines.apology != lines.goodbye and lines.hang_up_after == 2
+
+    def broken_session():
+        session = real_session()
+
+        async def respond(user_audio=None, *, say=None):
+            raise RuntimeError("CUDA error: out of memory")
+            yield  # an async generator that fails as its first chunk is asked for
+
+        session.respond = respond
+        return session
+
+    real_session = runtime.new_session
+    monkeypatch.setattr(runtime, "new_session", broken_session)
+    speech = synthesize("Hello, where is my order?", 16000)
+    audio = np.concatenate([silence(0.3, 16000), speech, silence(5.0, 16000), speech, silence(5.0, 16000)])
+    call, _recording, transport = await simulate_call(runtime, audio, 16000, out_rate=24000, settle_secs=0.5)
+
+    assert call.stats.failed_turns == 2 and runtime.metrics.turns_failed == 2
+    assert "chroma_agents_turns_failed_total 2" in runtime.metrics.render()
+    # The caller heard the apology for the first failure, then the goodbye, and the agent hung up.
+    heard = b"".join(samples.tobytes() for _t, _rate, samples in transport.agent_chunks)
+    first = heard.find(lines.apology)
+    assert first >= 0 and heard.find(lines.goodbye, first + len(lines.apology)) > first
+    assert call.ended_by_agent
+    assert [kind for _t, kind, _d in call.timeline if kind in ("turn_failed", "agent_hung_up")] == [
+        "turn_failed", "turn_failed", "agent_hung_up"
+    ]

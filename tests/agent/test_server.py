@@ -242,3 +242,13 @@ def test_an_engine_status_that_fails_counts_as_not_ready(runtime):
         r = c.get("/readyz")
         assert r.status_code == 503 and "engine gone" in r.json()["reason"]
         assert c.get("/metrics").status_code == 200
+
+
+def test_the_server_renders_what_its_agent_says_when_the_model_fails_before_taking_calls(client, runtime):
+    # `client` has started the app: the lines are in memory, in the agent's voice, before any call.
+    lines = runtime.model_error_audio
+    assert lines.apology and lines.goodbye and lines.apology != lines.goodbye
+    assert lines.hang_up_after == runtime.spec.response.on_model_error.hang_up_after == 3
+    text = client.get("/metrics").text
+    assert "# TYPE chroma_agents_turns_failed_total counter" in text
+    assert "\nchroma_agents_turns_failed_total 0\n" in text
