@@ -2,6 +2,7 @@
 page over WebRTC; the test reads the page's `window.chromaState` through the DevTools protocol."""
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -109,6 +110,13 @@ async def call_until_answered(page: Page) -> dict:
     return state
 
 
+async def until(page: Page, expression: str, what: str, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while not await page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
 async def wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -134,7 +142,22 @@ async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, cal
                 f"the agent's audio was silent in the browser: {state}"
             )
             assert state["standIn"] is True
-            print(f"\nbrowser: ttfa {state['ttfa']} ms, max agent RMS {state['maxAudioLevel']:.3f}")
+            # The headline is what the caller heard: from the end of their speech at the microphone to
+            # the reply's first sound on the incoming track. It includes the end-of-turn wait the
+            # server's own figure starts after, so it is the larger of the two.
+            await until(page, "chromaState.heardTtfa.length > 0", "the page to measure the reply as heard")
+            state = await page_state(page)
+            headline = await page.evaluate("document.getElementById('ttfa-heard').textContent")
+            assert headline == f"{state['heardTtfa'][0]} ms"
+            assert state["heardTtfa"][0] > state["ttfa"][0], state
+            # The transcript fills while the reply is spoken (the tiny model's text is unreadable bytes).
+            await until(page, "document.querySelectorAll('#transcript li').length > 0", "the transcript to fill")
+            line = await page.evaluate("document.querySelector('#transcript li').textContent")
+            assert re.fullmatch(r"\(reply 1: \d+\.\d s of audio, no readable text\)", line), line
+            print(
+                f"\nbrowser: ttfa heard {state['heardTtfa']} ms, server {state['ttfa']} ms, "
+                f"max agent RMS {state['maxAudioLevel']:.3f}"
+            )
 
             await page.evaluate("document.getElementById('hangup').click()")
             # Closing the peer connection in the browser must end the call and free its session.
@@ -186,3 +209,45 @@ async def test_stopping_the_server_hangs_up_its_calls(runtime, caller_wav):
                 assert state["state"] == "ended by agent", state
     finally:
         srv.stop()
+
+
+PHONE_WIDTH = 375
+
+
+async def test_at_phone_width_no_figure_wraps_and_the_headline_is_what_the_caller_heard(server):
+    _runtime, base = server
+    async with chromium() as devtools:
+        async with Page.open(devtools, f"{base}/") as page:
+            # Headless windows do not go below 500 px; a frame of a phone's width is the page at that width.
+            await page.evaluate(
+                f"""new Promise(done => {{
+                      document.body.innerHTML = '<iframe id="phone" src="/" width="{PHONE_WIDTH}" height="800" style="border: 0"></iframe>';
+                      document.getElementById('phone').onload = done;
+                    }})"""
+            )
+            phone = "document.getElementById('phone').contentWindow"
+            assert await page.evaluate(f"{phone}.innerWidth") == PHONE_WIDTH
+            # The widest figures a call shows, in every tile, as the page writes them.
+            await page.evaluate(
+                f"""const ms = {phone}.eval("formatMs");
+                    for (const [id, text] of [["ttfa-heard", ms(9999)], ["ttfa-median", ms(99999)],
+                                               ["ttfa-last", ms(9999)], ["barge-ins", "999"]])
+                      {phone}.document.getElementById(id).textContent = text"""
+            )
+            figures = await page.evaluate(
+                f"""[...{phone}.document.querySelectorAll('.stats .stat')].map(tile => {{
+                      const b = tile.querySelector('b'), box = b.getBoundingClientRect();
+                      const range = {phone}.document.createRange();
+                      range.selectNodeContents(b);
+                      return {{id: b.id, text: b.textContent, height: box.height, line: parseFloat({phone}.getComputedStyle(b).lineHeight),
+                              textRight: range.getBoundingClientRect().right, tileRight: tile.getBoundingClientRect().right,
+                              lines: range.getClientRects().length}};
+                    }})"""
+            )
+            page_width = await page.evaluate(f"{phone}.document.documentElement.scrollWidth")
+    assert page_width <= PHONE_WIDTH
+    assert [f["text"] for f in figures] == ["9999 ms", "100.0 s", "9999 ms", "999"]
+    assert [f["id"] for f in figures][0] == "ttfa-heard"  # the headline: the caller-side figure
+    for f in figures:
+        assert f["lines"] == 1 and abs(f["height"] - f["line"]) < 1, f  # one line, not wrapped
+        assert f["textRight"] <= f["tileRight"], f  # and not spilling out of its tile either
