@@ -92,7 +92,7 @@ def bench_inputs(model, voice_audio: np.ndarray, user_audio: np.ndarray) -> dict
 
 async def _noop_step(session) -> None:
     """Wait until the device worker has finished whatever a cancelled reply left queued."""
-    await session.worker.run(lambda: None)
+    await session.scheduler.run(lambda: None)
 
 
 async def stream_reply(session, user_audio: np.ndarray, clock: Clock, first_only: bool = False) -> dict:

@@ -77,7 +77,7 @@ class StreamingCodecDecoder:
         start = self._kv.get_seq_length()
         position_ids = torch.arange(start, start + steps, device=device)[None]
         hidden = decoder.decoder_transformer(
-            hidden.transpose(1, 2), past_key_values=self._kv, position_ids=position_ids, use_cache=True
+            hidden.transpose(1, 2), cache=self._kv, position_ids=position_ids, use_cache=True
         ).last_hidden_state.transpose(1, 2)
 
         for layer in decoder.decoder_seanet.layers:

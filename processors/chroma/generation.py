@@ -195,22 +195,40 @@ class ResponseSteps:
         self.thinker = thinker
         self.max_frames = max_frames
         self.sampling = sampling or Sampling()
-        self.cache = cache if cache is not None else voice.fresh_cache()
+        self.cache = cache  # transformers' path only; made from the voice prefix on first use
         self.step = 0
         self.done = False
         self.entered: list[tuple[int, int]] = []  # (step, text token id) in backbone order
         self.trace: list[StepTrace] = []
         self._previous: torch.Tensor | None = None
         self._text_over = False
+        self._pending_token: int | None = None
         self._generator = None
         if self.sampling.do_sample and self.sampling.seed is not None:
             self._generator = torch.Generator(device=model.device).manual_seed(self.sampling.seed)
 
     @torch.inference_mode()
     def next_frame(self) -> torch.Tensor | None:
-        """The next audio frame's codes [n], or None when the response is over."""
+        """The next audio frame's codes [n], or None when the response is over (transformers' modules)."""
         if self.done:
             return None
+        parts = self.frame_inputs()
+        if parts is None:
+            return None
+        if self.cache is None:
+            self.cache = self.voice.fresh_cache()
+        mask = None
+        if self.voice.mask is not None:
+            total = self.cache.get_seq_length() + parts.shape[0]
+            mask = torch.ones(1, total, dtype=torch.long, device=self.model.device)
+            mask[:, : self.voice.length] = self.voice.mask
+        hidden = self.model.backbone_forward(parts.unsqueeze(0), self.cache, mask)
+        s = self.sampling
+        codes = self.model.decode_frame(hidden, s.do_sample, s.top_k, s.temperature, self._generator)[0]
+        return self.accept(codes)
+
+    def frame_inputs(self) -> torch.Tensor | None:
+        """This step's new backbone inputs [1..3, H] (the 1:2 schedule), or None if the reply is over."""
         parts, token_id = [], None
         if self._previous is not None:
             parts.append(self.model.backbone.frame_vectors(self._previous.view(1, 1, -1))[0])
@@ -225,21 +243,23 @@ class ResponseSteps:
         if not parts:  # only possible at step 0 if the filter held every token
             self.done = True
             return None
-        mask = None
-        if self.voice.mask is not None:
-            total = self.cache.get_seq_length() + len(parts)
-            mask = torch.ones(1, total, dtype=torch.long, device=self.model.device)
-            mask[:, : self.voice.length] = self.voice.mask
-        hidden = self.model.backbone_forward(torch.cat(parts, dim=0).unsqueeze(0), self.cache, mask)
-        s = self.sampling
-        codes = self.model.decode_frame(hidden, s.do_sample, s.top_k, s.temperature, self._generator)[0]
-        self.trace.append(StepTrace(self.step, self._previous is not None, token_id, codes.tolist()))
+        self._pending_token = token_id
+        return torch.cat(parts, dim=0)
+
+    def accept(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """Take the frame the step produced for `frame_inputs()`; returns it, or None if it is not audio."""
+        self.trace.append(StepTrace(self.step, self._previous is not None, self._pending_token, codes.tolist()))
         self.step += 1
         self._previous = codes
         is_eos = (codes == self.model.config.codebook_eos_token_id).tolist()
         if all(is_eos[:-1]) or self.step >= self.max_frames:
             self.done = True
         return None if all(is_eos) else codes
+
+    @property
+    def pick(self) -> tuple[bool, int, float, torch.Generator | None]:
+        s = self.sampling
+        return s.do_sample, s.top_k, s.temperature, self._generator
 
     def text_before(self, frames: int) -> list[int]:
         """Text tokens consumed by the first `frames` frames (token entering at step s belongs to frame s)."""

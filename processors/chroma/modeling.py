@@ -160,7 +160,7 @@ class ChromaModel(nn.Module):
             input_features=None if input_features is None else input_features.to(self.device, self.dtype),
             feature_attention_mask=None if feature_attention_mask is None else feature_attention_mask.to(self.device),
             position_ids=positions.to(self.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         last = out.last_hidden_state[:, -1]
@@ -183,7 +183,7 @@ class ChromaModel(nn.Module):
             inputs_embeds=embeds.to(self.dtype),
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         return out.last_hidden_state[:, -1]
@@ -208,7 +208,7 @@ class ChromaModel(nn.Module):
         for level in range(1, n):
             start = cache.get_seq_length()
             positions = torch.arange(start, start + inputs.shape[1], device=self.device).unsqueeze(0)
-            out = self.decoder.model(inputs_embeds=inputs, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = self.decoder.model(inputs_embeds=inputs, position_ids=positions, cache=cache, use_cache=True)
             code = pick(self.decoder.codebook_head.level_logits(out.last_hidden_state[:, -1], level))
             codes.append(code)
             if level < n - 1:

@@ -13,7 +13,8 @@ reply speaks what came before the call and ends there. `tool_result(result)` giv
 `respond()` with no audio continues the turn from it. `respond(say="...")` speaks fixed text in the
 agent's voice through the same model (its tokens are forced as the thinker's output).
 
-Model steps run on the device's worker thread; results come back through an asyncio queue.
+Model work runs on the model's scheduler thread (`scheduler.py`), which advances every session's reply
+in one batched step per frame; chunks come back through an asyncio queue.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,35 +45,10 @@ from .generation import (
     truncate_cache,
 )
 from .modeling import ChromaModel
+from .scheduler import FrameScheduler, ReplyStream
 from .scripted import forced_text_stream
 from .text import ChatLayout, Listener
 from .tools import ToolCall, ToolCallFilter, tool_descriptions, tool_response_text, tools_system_text
-
-
-class DeviceWorker:
-    """The one thread that runs model steps for a device, so the event loop never blocks."""
-
-    _by_device: dict[str, DeviceWorker] = {}
-    _lock = threading.Lock()
-
-    def __init__(self, name: str):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chroma-{name}")
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> DeviceWorker:
-        key = str(device)
-        with cls._lock:
-            if key not in cls._by_device:
-                cls._by_device[key] = cls(key)
-            return cls._by_device[key]
-
-    async def run(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _inference, fn, args)
-
-
-def _inference(fn: Callable, args: tuple):
-    with torch.inference_mode():
-        return fn(*args)
 
 
 @dataclass
@@ -114,6 +89,7 @@ class _Reply:
     thinker_cache_length: int  # thinker cache length at the start of the reply's text
     thinker_next_position: int
     token_filter: TokenFilter
+    stream: ReplyStream
     frames_emitted: int = 0
 
 
@@ -177,7 +153,7 @@ class ChromaSession:
         self.token_filter = token_filter  # None: the tool-call filter once tools are set, else speak all
         self.thinker_stream = thinker_stream  # how the thinker's tokens are chosen (a script, in tests)
         self.reuse_voice_prompt = reuse_voice_prompt
-        self.worker = DeviceWorker.for_device(model.device)
+        self.scheduler = FrameScheduler.for_model(model)
         self.codec = StreamingCodecDecoder(model.codec_model)
         self.thinker_cache = DynamicCache()
         self.thinker_position = 0
@@ -191,7 +167,6 @@ class ChromaSession:
         self.turns: list[str] = []  # the assistant text kept from each finished turn
         self._reply: _Reply | None = None
         self._heard_frames: int | None = None
-        self._cancelled = threading.Event()
 
     # -- public API ------------------------------------------------------------
 
@@ -200,22 +175,22 @@ class ChromaSession:
         turn (after a tool's result, or when a flow node starts); `say` makes that turn exactly this text."""
         self._loop = asyncio.get_running_loop()
         audio = None if user_audio_16k is None else np.asarray(user_audio_16k, dtype=np.float32).reshape(-1)
-        await self.worker.run(self._start_reply, audio, say)
-        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
-        producer = asyncio.create_task(self._produce(queue))
+        stream: ReplyStream = await self.scheduler.run(self._start_reply, audio, say)
+        ended = False
         try:
             while True:
-                chunk = await queue.get()
-                if chunk is None or self._cancelled.is_set():
+                item = await stream.queue.get()
+                stream.taken()
+                if item is None or stream.cancelled.is_set():
+                    ended = item is None
                     break
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                yield chunk
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                yield item
         finally:
-            if not producer.done():
-                self._cancelled.set()
-                producer.cancel()
-                await asyncio.gather(producer, return_exceptions=True)
+            if not ended:  # the consumer stopped reading: the reply leaves the batch at the next tick
+                stream.cancel()
 
     def instruct(self, text: str) -> None:
         """A system instruction the thinker reads before the next user turn (a flow node's task)."""
@@ -256,7 +231,7 @@ class ChromaSession:
         """Build the prefix of the voice set for the next reply now, so that reply does not wait for it."""
         voice = self._next_voice
         if voice is not None and self.reuse_voice_prompt:
-            await self.worker.run(lambda: _voice_cache(self.model).get(self.model, self.tokenizer, voice))
+            await self.scheduler.run(lambda: _voice_cache(self.model).get(self.model, self.tokenizer, voice))
 
     @property
     def voice_name(self) -> str:
@@ -265,7 +240,8 @@ class ChromaSession:
 
     def cancel(self) -> None:
         """Barge-in: no further chunk is yielded, and generation stops within one step."""
-        self._cancelled.set()
+        if self._reply is not None:
+            self._reply.stream.cancel()
 
     def heard(self, frames: int) -> None:
         """The caller heard `frames` frames of the last reply; the rest is forgotten."""
@@ -313,11 +289,9 @@ class ChromaSession:
         if callback is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback, call)
 
-    def _start_reply(self, user_audio: np.ndarray | None, say: str | None = None) -> None:
-        # Runs after any step a cancelled reply still had in flight on this worker, so clearing
-        # the flag here cannot let that reply go on.
+    def _start_reply(self, user_audio: np.ndarray | None, say: str | None = None) -> ReplyStream:
+        # A job on the scheduler thread, between ticks: the previous reply's step (if any) is over.
         self._close_previous_reply()
-        self._cancelled.clear()
         with self._voice_lock:  # a switch asked for during the last reply starts here
             if self._next_voice is not None:
                 self.voice, self._next_voice = self._next_voice, None
@@ -339,20 +313,18 @@ class ChromaSession:
         else:
             factory, token_filter = self.thinker_stream, self._make_filter()
         stream = factory(self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, token_filter)
-        steps = ResponseSteps(self.model, self._voice_prompt(), stream, self.max_frames, self.sampling)
-        self._reply = _Reply(steps, self.thinker_cache.get_seq_length(), next_pos, token_filter)
+        prompt = self._voice_prompt()
+        steps = ResponseSteps(self.model, prompt, stream, self.max_frames, self.sampling)
+        live = ReplyStream(steps, prompt, self.chunk_frames, self._chunk, self._loop)
+        self._reply = _Reply(steps, self.thinker_cache.get_seq_length(), next_pos, token_filter, live)
         self._heard_frames = None
         self.codec.reset()
+        self.scheduler.admit(live)
+        return live
 
-    def _next_chunk(self) -> AudioChunk | None:
+    def _chunk(self, frames: list[torch.Tensor]) -> AudioChunk:
+        """The next chunk of the reply from its new frames (on the scheduler thread)."""
         reply = self._reply
-        frames = []
-        while len(frames) < self.chunk_frames and not reply.steps.done and not self._cancelled.is_set():
-            codes = reply.steps.next_frame()
-            if codes is not None:
-                frames.append(codes)
-        if not frames:
-            return None
         codes = torch.stack(frames)
         audio = self.codec.decode(codec_codes(self.model, codes).T.unsqueeze(0))[0].float().cpu().numpy()
         start = reply.frames_emitted
@@ -370,6 +342,7 @@ class ChromaSession:
         and queue the kept text, closed, ahead of the next user turn."""
         if self._reply is None:
             return
+        self.scheduler.retire(self._reply.stream)  # a reply cancelled since the last tick
         kept = self._kept_tokens()
         # A tool call the reply made stays in the thinker's memory (never in what was said), so the
         # result that follows it reads as the Qwen template has it.
@@ -383,16 +356,6 @@ class ChromaSession:
 
     def _text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)  # both tokenizers skip special ids such as im_end
-
-    async def _produce(self, queue: asyncio.Queue) -> None:
-        try:
-            while not self._cancelled.is_set():
-                chunk = await self.worker.run(self._next_chunk)
-                await queue.put(chunk)
-                if chunk is None:
-                    return
-        except Exception as exc:  # surfaced to the consumer, never lost
-            await queue.put(exc)
 
 
 _VOICE_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

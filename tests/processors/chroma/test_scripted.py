@@ -59,7 +59,7 @@ def test_the_backbone_gets_the_thinkers_own_states_for_the_forced_tokens(tiny, v
     positions = tiny.thinker_positions(all_ids, lengths)
     out = tiny.thinker.model(
         input_ids=all_ids, input_features=features, feature_attention_mask=mask,
-        position_ids=positions, past_key_values=full, use_cache=True,
+        position_ids=positions, cache=full, use_cache=True,
     ).last_hidden_state[0]
     for i, t in enumerate(forced):
         assert torch.allclose(t.hidden[0], out[len(ids) - 1 + i], atol=1e-4)

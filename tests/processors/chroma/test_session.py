@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from processors.chroma.frame_step import FrameStep
 from processors.chroma.generation import (
     ResponseSteps,
     ThinkerStream,
@@ -184,13 +185,13 @@ def test_lookahead_does_not_change_output_and_hook_can_drop_tokens(tiny, voice):
 
 def test_model_steps_run_off_the_event_loop(tiny, voice, monkeypatch):
     threads = set()
-    original = tiny.backbone_forward
+    original = FrameStep.step
 
     def spy(*args, **kwargs):
         threads.add(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tiny, "backbone_forward", spy)
+    monkeypatch.setattr(FrameStep, "step", spy)
     session = tiny.new_session(voice=voice, max_frames=4)
     run(collect(session, user_audio(0.3, 32)))
     assert threads and threading.main_thread().name not in threads
