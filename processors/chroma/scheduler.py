@@ -302,10 +302,13 @@ class FrameScheduler:
         self._stats.ticks += 1
         self._stats.batch_size = sum(live)
         self._stats.sessions = len(self._streams)
-        for stream, is_live, parts, row_codes in zip(list(self._streams), live, inputs, codes, strict=True):
+        batch = list(self._streams)
+        for stream, is_live, parts in zip(batch, live, inputs, strict=True):
+            if is_live:  # all lengths first: a reply that ends below moves another row, whole
+                stream.length += parts.shape[0]
+        for stream, is_live, row_codes in zip(batch, live, codes, strict=True):
             if not is_live:
                 continue
-            stream.length += parts.shape[0]
             try:
                 self._advance(stream, row_codes)
             except Exception as exc:
