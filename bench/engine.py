@@ -2,6 +2,10 @@
 
     .venv/bin/python -m bench.engine                       # tiny preset, defaults
     .venv/bin/python -m bench.engine --device cuda --model FlashLabs/Chroma-4B --json out.json
+    .venv/bin/python -m bench.engine --device cuda --preset random-4b --sessions 1,8,32
+
+Concurrency: N sessions answer at once through the model's one scheduler (every reply in flight
+advances one frame per tick, as one batch); a late caller joins while N-1 others stream.
 
 Everything runs on one model load (same weights throughout). Each figure is the median of
 --repeats runs, after a warm-up reply. Timers are `time.perf_counter`, read after a CUDA
@@ -29,6 +33,7 @@ from transformers import DynamicCache
 from processors.chroma.checkpoint import default_device, default_dtype, load_model
 from processors.chroma.codec_stream import StreamingCodecDecoder
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
+from processors.chroma.frame_step import GREEDY, FrameStep
 from processors.chroma.generation import (
     ResponseSteps,
     ThinkerStream,
@@ -43,6 +48,10 @@ VOICE_TEXT = "Hello, this is the reference recording of my voice for the benchma
 TTFA_RATIO_TARGET = 0.05  # streaming time to first audio / generate-all-then-decode time
 TURN_RATIO_TARGET = 1.2  # time to first audio at turn N / at turn 1
 RTF_TARGET = 1.0  # generation wall time / audio seconds: faster than real time
+SCALE_TARGET = 8.0  # aggregate frames/s at 16 sessions / at 1 session
+SESSION_RTF_TARGET = 0.5  # every session's real-time factor at 16 sessions
+JOIN_TARGET = 2.0  # time to first audio of a caller joining 15 streaming ones / alone
+STEP_RATIO_TARGET = 0.45  # lean frame step / transformers' modules, one session
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -267,13 +276,115 @@ class EngineBench:
         r["ttfa_voice_cached_ms"] = 1000 * median(cached)
         r["ttfa_voice_rebuilt_ms"] = 1000 * median(fresh)
 
+    def lean_step(self) -> None:
+        """One session's backbone + depth-decoder step per frame: transformers' modules (the path
+        `generate_codes` keeps) against the lean batched step at batch 1, on the same inputs."""
+        self.log("frame step: transformers' modules vs the lean step, one session")
+        model, n = self.model, self.args.frames
+        inputs = bench_inputs(model, self.voice, self.user)
+        ids_text = torch.tensor(model.tokenizer.encode(VOICE_TEXT), dtype=torch.long)
+        voice = build_voice_prompt(model, ids_text, torch.from_numpy(self.voice))
+        step = FrameStep(model, rows=1)
+        old, lean, same = [], [], True
+        for _ in range(self.args.repeats):
+            with torch.inference_mode():
+                ids = inputs["thinker_input_ids"]
+                features, mask = inputs["thinker_input_features"], inputs["thinker_feature_attention_mask"]
+                runs = {}
+                for kind in ("old", "lean"):
+                    cache = DynamicCache()
+                    hidden, token, next_pos = prefill_thinker(model, ids, cache, 0, features, mask)
+                    steps = ResponseSteps(model, voice, ThinkerStream(model, cache, next_pos, hidden, token), n)
+                    steps.cache = voice.fresh_cache()
+                    length = step.pool.load(0, voice.keys_values)
+                    codes = []
+                    while not steps.done:
+                        parts = steps.frame_inputs()
+                        if parts is None:
+                            break
+                        t0 = self.clock.now()
+                        if kind == "old":
+                            h = model.backbone_forward(parts.unsqueeze(0), steps.cache, None)
+                            frame = model.decode_frame(h)[0]
+                        else:
+                            frame = step.step([parts], [length], [voice.mask], [GREEDY])[0]
+                            length += parts.shape[0]
+                        (old if kind == "old" else lean).append(1000 * (self.clock.now() - t0))
+                        codes.append(frame)
+                        steps.accept(frame)
+                    runs[kind] = torch.stack(codes)
+                same = same and torch.equal(runs["old"], runs["lean"])
+        r = self.results
+        r["step_old_ms"], r["step_lean_ms"] = median(old), median(lean)
+        r["step_ratio"] = r["step_lean_ms"] / r["step_old_ms"]
+        r["step_codes_equal"] = bool(same)
+
+    def concurrency(self) -> None:
+        """N sessions answering at once; then a late caller joining N-1 streaming ones."""
+        frames = self.args.concurrent_frames
+        rows = {}
+        for count in self.args.sessions:
+            self.log(f"{count} sessions at once, {frames}-frame replies")
+            rows[count] = asyncio.run(self._concurrent(count, frames))
+        r = self.results
+        r["concurrency"] = rows
+        if 1 in rows:
+            for count, row in rows.items():
+                row["scale"] = row["frames_per_s"] / rows[1]["frames_per_s"]
+        joiners = max(self.args.sessions)
+        if joiners > 1:
+            self.log(f"a caller joining {joiners - 1} streaming sessions")
+            alone = asyncio.run(self._late_joiner(0, frames))
+            joined = asyncio.run(self._late_joiner(joiners - 1, frames))
+            r["join"] = {"others": joiners - 1, "alone_ms": 1000 * alone, "joined_ms": 1000 * joined,
+                         "ratio": joined / alone}
+
+    async def _one(self, seed: int, frames: int, started: asyncio.Event | None = None) -> dict:
+        session = self.session(max_frames=frames)
+        user = make_audio(self.args.user_seconds, LISTEN_RATE, seed=seed)
+        t0, first, count = time.perf_counter(), None, 0
+        async with contextlib.aclosing(session.respond(user)) as chunks:
+            async for chunk in chunks:
+                if first is None:
+                    first = time.perf_counter() - t0
+                    if started is not None:
+                        started.set()
+                count = chunk.frames[1]
+        return {"ttfa_s": first, "wall_s": time.perf_counter() - t0, "frames": count}
+
+    async def _concurrent(self, count: int, frames: int) -> dict:
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*[self._one(100 + i, frames) for i in range(count)])
+        wall = time.perf_counter() - t0
+        total = sum(x["frames"] for x in runs)
+        rtf = [x["wall_s"] / (x["frames"] * 0.08) for x in runs if x["frames"]]
+        ttfa = [x["ttfa_s"] for x in runs if x["ttfa_s"] is not None]
+        return {"sessions": count, "frames": total, "frames_per_s": total / wall,
+                "rtf_median": median(rtf), "rtf_max": max(rtf, default=float("nan")),
+                "ttfa_median_ms": 1000 * median(ttfa), "ttfa_max_ms": 1000 * max(ttfa, default=float("nan"))}
+
+    async def _late_joiner(self, others: int, frames: int) -> float:
+        """Time to first audio of one caller who starts once `others` sessions are all streaming
+        (their replies long enough to outlast the joiner's first audio)."""
+        events = [asyncio.Event() for _ in range(others)]
+        background = [asyncio.create_task(self._one(200 + i, 4 * frames, events[i])) for i in range(others)]
+        for event in events:
+            await event.wait()
+        joined = await self._one(300, frames)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        return joined["ttfa_s"]
+
     def run(self) -> dict:
         started = time.perf_counter()
         self.warm_up()
         self.streaming_vs_batch()
         self.step_costs()
+        self.lean_step()
         self.turns()
         self.voice_reuse()
+        self.concurrency()
         self.results["bench_wall_s"] = time.perf_counter() - started
         return self.results
 
@@ -351,8 +462,33 @@ def table(r: dict, args) -> str:
         f"{r['ttfa_voice_cached_ms']:.1f} / {r['ttfa_voice_rebuilt_ms']:.1f} ms"
         f" ({r['ttfa_voice_rebuilt_ms'] / r['ttfa_voice_cached_ms']:.2f}x)",
         "cached faster", _met(r["ttfa_voice_cached_ms"] < r["ttfa_voice_rebuilt_ms"]))
+    row("frame step, one session: transformers' modules / lean step (backbone + decoder)",
+        f"{r['step_old_ms']:.2f} / {r['step_lean_ms']:.2f} ms ({r['step_ratio']:.2f}x)"
+        f"{'' if r['step_codes_equal'] else ' CODES DIFFER'}", f"<= {STEP_RATIO_TARGET}x",
+        _met(r["step_ratio"] <= STEP_RATIO_TARGET))
     head = ["| measurement | value | target | met |", "|---|---|---|---|"]
     return "\n".join(head + rows)
+
+
+def concurrency_table(r: dict, args) -> str:
+    rows = ["| sessions | aggregate frames/s | x one session | real-time factor median / max |"
+            " time to first audio median / max |", "|---|---|---|---|---|"]
+    for count, c in r["concurrency"].items():
+        scale = f"{c['scale']:.2f}x" if "scale" in c else ""
+        if count == 16 and "scale" in c:
+            scale += f" (target >= {SCALE_TARGET:g}x: {_met(c['scale'] >= SCALE_TARGET)})"
+        rtf = f"{c['rtf_median']:.2f} / {c['rtf_max']:.2f}"
+        if count == 16:
+            rtf += f" (target max <= {SESSION_RTF_TARGET}: {_met(c['rtf_max'] <= SESSION_RTF_TARGET)})"
+        rows.append(f"| {count} | {c['frames_per_s']:.1f} | {scale} | {rtf} |"
+                    f" {c['ttfa_median_ms']:.0f} / {c['ttfa_max_ms']:.0f} ms |")
+    if "join" in r:
+        j = r["join"]
+        rows.append("")
+        rows.append(f"A caller joining {j['others']} streaming sessions: first audio after {j['joined_ms']:.0f} ms,"
+                    f" alone {j['alone_ms']:.0f} ms ({j['ratio']:.2f}x; target <= {JOIN_TARGET:g}x:"
+                    f" {_met(j['ratio'] <= JOIN_TARGET)}).")
+    return "\n".join(rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -368,9 +504,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--turn-frames", type=int, default=20, help="reply cap per turn in that measurement (default: 20)")
     p.add_argument("--voice-seconds", type=float, default=3.0, help="reference voice length (default: 3)")
     p.add_argument("--user-seconds", type=float, default=2.0, help="user turn length (default: 2)")
+    p.add_argument("--sessions", default="1,2,4,8,16,32",
+                   help="concurrent session counts, comma-separated (default: 1,2,4,8,16,32)")
+    p.add_argument("--concurrent-frames", type=int, default=50,
+                   help="reply length in frames for the concurrency table (default: 50)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    for flag in ("frames", "repeats", "turns", "turn_frames"):
+    try:
+        args.sessions = sorted({int(x) for x in str(args.sessions).split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--sessions {args.sessions!r}: expected counts separated by commas, e.g. 1,8,32")
+    if not args.sessions or min(args.sessions) < 1:
+        p.error("--sessions needs counts of at least 1")
+    for flag in ("frames", "repeats", "turns", "turn_frames", "concurrent_frames"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.turns < 2:
@@ -399,6 +545,10 @@ def main(argv=None) -> int:
           f" benchmark wall time {results['bench_wall_s']:.0f} s")
     print()
     print(table(results, args))
+    print()
+    print(f"Concurrent sessions ({args.concurrent_frames}-frame replies, all answering at once):")
+    print()
+    print(concurrency_table(results, args))
     if args.json:
         meta = {"model": source, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
                 "frames": args.frames, "repeats": args.repeats, "turns": args.turns,

@@ -48,7 +48,7 @@ class FrameStep:
         self.scratch = ScratchKV(self.decoder, rows, self.codebooks, self.device, self.dtype)
         positions = torch.arange(self.codebooks, device=self.device)[None]
         cos, sin = self.decoder.rotary(positions, self.dtype)
-        self._decoder_rope = (cos, sin)  # [1, 1, n, d]: positions 0..n-1, the same for every frame
+        self._decoder_rope = (cos, sin)  # [1, n, 1, d]: positions 0..n-1, the same for every frame
         self._levels = model.decoder.codebook_head.weight.detach()  # [n-1, H, V]
         self._table = model.decoder.audio_embedding
         self._projection = model.decoder.projection.weight.detach()
@@ -120,7 +120,7 @@ class FrameStep:
         for level in range(1, self.codebooks):
             start = self.scratch.length
             end = start + step_in.shape[1]
-            rope = (cos[:, :, start:end], sin[:, :, start:end])
+            rope = (cos[:, start:end], sin[:, start:end])
             out = self.decoder.forward(step_in, rope, self.scratch, None, is_causal=step_in.shape[1] > 1)
             code = self._pick(out[:, -1] @ self._levels[level - 1], picks)
             codes.append(code)

@@ -94,17 +94,15 @@ class LlamaStack:
         return len(self.layers)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(dtype)
+        # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale (one fused op here)
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, q] -> cos, sin [B, 1, q, head_dim]."""
+        """positions [B, q] -> cos, sin [B, q, 1, head_dim] (broadcast over heads)."""
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
-        sin = (angles.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
+        cos = (angles.cos() * self.rope_scaling).to(dtype).unsqueeze(2)
+        sin = (angles.sin() * self.rope_scaling).to(dtype).unsqueeze(2)
         return cos, sin
 
     @staticmethod
@@ -131,11 +129,10 @@ class LlamaStack:
         for i, layer in enumerate(self.layers):
             h = self.rms_norm(x, layer.input_norm)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            query, key, value = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            query = query.view(b, q, self.heads, self.head_dim).transpose(1, 2)
-            key = key.view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            value = value.view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            query, key = self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+            # queries and keys sit side by side in the fused output: one rotation for both
+            rotated = self._rotate(qkv[..., : self.q_size + self.kv_size].view(b, q, -1, self.head_dim), cos, sin)
+            query, key = rotated.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)
+            value = qkv[..., self.q_size + self.kv_size :].view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = store.write(i, key, value)
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, is_causal=is_causal and mask is None,

@@ -18,6 +18,7 @@ steps race on a cache.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
 import weakref
@@ -130,6 +131,14 @@ class FrameScheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"chroma-{model.device}", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Stop every scheduler's thread (at interpreter exit, so none dies inside a torch op)."""
+        with cls._registry_lock:
+            schedulers = list(cls._by_model.values())
+        for scheduler in schedulers:
+            scheduler.close()
 
     @classmethod
     def for_model(cls, model: ChromaModel) -> FrameScheduler:
@@ -336,3 +345,6 @@ class FrameScheduler:
 
     def _fail(self, stream: ReplyStream, exc: BaseException) -> None:
         self.retire(stream, exc)
+
+
+atexit.register(FrameScheduler.close_all)
