@@ -43,6 +43,8 @@ from flows.runtime import CallFlow
 from processors.chroma.checkpoint import load_model
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.generation import Sampling, ThinkerStream
+from processors.chroma.modeling import ChromaModel
+from processors.chroma.scheduler import FrameScheduler
 from processors.chroma.service import FRAME_SECONDS, ChromaS2SService, ModelErrorAudio, render_line
 from processors.playout import PlayoutTracker
 from processors.turn import user_turn_strategies
@@ -159,6 +161,8 @@ class AgentRuntime:
             logger.info(f"loading model {source!r} for agent {spec.name!r}")
             model = load_model(source, device=device)
         self.model = model
+        if self.engine_status is None and isinstance(model, ChromaModel):
+            self.engine_status = FrameScheduler.for_model(model).status
         self.model_name = Path(str(model.source)).name if Path(str(model.source)).is_dir() else str(model.source)
         self.stand_in = bool(model.config.is_tiny)
         if self.stand_in:

@@ -35,7 +35,9 @@ from .generation import ResponseSteps, VoicePrompt
 from .modeling import ChromaModel
 
 FRAME_SECONDS = 0.08  # one codec frame: the budget of one tick for every reply to stay real time
-BEHIND_FACTOR = 0.9  # a tick (with its job) longer than this share of a frame is "behind real time"
+# Ticks (each with the job before it) averaged over about two seconds: one long prefill is not
+# "behind", a batch that needs more than a frame's time per tick, tick after tick, is.
+TICK_SMOOTHING = 0.04
 
 
 class ReplyStream:
@@ -250,9 +252,9 @@ class FrameScheduler:
 
     def _note_cycle(self, seconds: float) -> None:
         s = self._stats
-        self._tick_avg = seconds if s.ticks <= 1 else 0.8 * self._tick_avg + 0.2 * seconds
+        self._tick_avg = seconds if s.ticks <= 1 else (1 - TICK_SMOOTHING) * self._tick_avg + TICK_SMOOTHING * seconds
         s.tick_seconds = self._tick_avg
-        s.behind_real_time = self._tick_avg > BEHIND_FACTOR * FRAME_SECONDS
+        s.behind_real_time = self._tick_avg > FRAME_SECONDS
         now = time.perf_counter()
         s.reply_rtf = [
             (now - r.started) / (r.frames_made * FRAME_SECONDS) for r in self._streams if r.frames_made
