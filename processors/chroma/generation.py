@@ -96,9 +96,13 @@ class ThinkerStream:
         self.next_position += 1
         self._accept(hidden, token)
 
+    def wants_decode(self) -> bool:
+        """True while `next_token()` would still decode before returning a token."""
+        return not self._ended and len(self._ready) <= self.lookahead
+
     def next_token(self) -> ThinkerToken | None:
         """The next token for the backbone, or None once the reply's text is over."""
-        while not self._ended and len(self._ready) <= self.lookahead:
+        while self.wants_decode():
             self._decode_one()
         return self._ready.popleft() if self._ready else None
 
@@ -226,6 +230,10 @@ class ResponseSteps:
         s = self.sampling
         codes = self.model.decode_frame(hidden, s.do_sample, s.top_k, s.temperature, self._generator)[0]
         return self.accept(codes)
+
+    def wants_text(self) -> bool:
+        """True when this step's `frame_inputs()` will ask the thinker for a token."""
+        return not self.done and self.step % 2 == 0 and not self._text_over
 
     def frame_inputs(self) -> torch.Tensor | None:
         """This step's new backbone inputs [1..3, H] (the 1:2 schedule), or None if the reply is over."""

@@ -33,6 +33,7 @@ from loguru import logger
 from .frame_step import FrameStep, RowPick
 from .generation import ResponseSteps, VoicePrompt
 from .modeling import ChromaModel
+from .thinker_batch import decode_together
 
 FRAME_SECONDS = 0.08  # one codec frame: the budget of one tick for every reply to stay real time
 # Ticks (each with the job before it) averaged over about two seconds: one long prefill is not
@@ -262,6 +263,7 @@ class FrameScheduler:
 
     def _tick(self) -> None:
         step = self._step
+        self._think()
         planned: dict[int, torch.Tensor] = {}
         leaving: list[tuple[ReplyStream, BaseException | None]] = []
         for stream in self._streams:
@@ -323,6 +325,20 @@ class FrameScheduler:
             try:
                 self._advance(stream, row_codes)
             except Exception as exc:
+                self._fail(stream, exc)
+
+    def _think(self) -> None:
+        """The thinker's next tokens for every reply that needs one this tick, decoded as one batch
+        (a new reply needs `lookahead` tokens before its first frame, a running one one per two frames;
+        a stream whose token filter holds tokens back needs more rounds)."""
+        texting = [s for s in self._streams if not s.cancelled.is_set() and s.has_room and s.steps.wants_text()]
+        try:
+            while wanting := [s.steps.thinker for s in texting if s.steps.thinker.wants_decode()]:
+                decode_together(self.model, wanting)
+        except Exception as exc:
+            # Their caches may be half-updated: end these replies rather than let them go on.
+            logger.exception("batched thinker step failed; ending the replies in it")
+            for stream in texting:
                 self._fail(stream, exc)
 
     def _advance(self, stream: ReplyStream, codes: torch.Tensor) -> None:
