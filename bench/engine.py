@@ -34,6 +34,7 @@ from processors.chroma.checkpoint import default_device, default_dtype, load_mod
 from processors.chroma.codec_stream import StreamingCodecDecoder
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.frame_step import GREEDY, FrameStep
+from processors.chroma.scheduler import FrameScheduler
 from processors.chroma.generation import (
     ResponseSteps,
     ThinkerStream,
@@ -322,15 +323,25 @@ class EngineBench:
     def concurrency(self) -> None:
         """N sessions answering at once; then a late caller joining N-1 streaming ones."""
         frames = self.args.concurrent_frames
-        rows = {}
-        for count in self.args.sessions:
-            self.log(f"{count} sessions at once, {frames}-frame replies")
-            rows[count] = asyncio.run(self._concurrent(count, frames))
         r = self.results
-        r["concurrency"] = rows
-        if 1 in rows:
-            for count, row in rows.items():
-                row["scale"] = row["frames_per_s"] / rows[1]["frames_per_s"]
+        scheduler = FrameScheduler.for_model(self.model)
+        graph_modes = {"on": [True], "off": [False], "both": [True, False]}[self.args.cuda_graphs]
+        if self.model.device.type != "cuda":
+            graph_modes = [False]
+        for graphs in graph_modes:
+            scheduler.set_cuda_graphs(graphs)
+            rows = {}
+            for count in self.args.sessions:
+                self.log(f"{count} sessions at once, {frames}-frame replies, CUDA graphs {'on' if graphs else 'off'}")
+                if graphs:  # capture outside the measurement: one warm-up round at this batch size
+                    asyncio.run(self._concurrent(count, 4))
+                rows[count] = asyncio.run(self._concurrent(count, frames))
+                rows[count]["cuda_graphs"] = graphs
+            if 1 in rows:
+                for count, row in rows.items():
+                    row["scale"] = row["frames_per_s"] / rows[1]["frames_per_s"]
+            r["concurrency_graphs" if graphs and len(graph_modes) > 1 else "concurrency"] = rows
+        scheduler.set_cuda_graphs(graph_modes[0])
         joiners = max(self.args.sessions)
         if joiners > 1:
             self.log(f"a caller joining {joiners - 1} streaming sessions")
@@ -471,16 +482,18 @@ def table(r: dict, args) -> str:
 
 
 def concurrency_table(r: dict, args) -> str:
-    rows = ["| sessions | aggregate frames/s | x one session | real-time factor median / max |"
-            " time to first audio median / max |", "|---|---|---|---|---|"]
-    for count, c in r["concurrency"].items():
+    rows = ["| sessions | CUDA graphs | aggregate frames/s | x one session | real-time factor median / max |"
+            " time to first audio median / max |", "|---|---|---|---|---|---|"]
+    measured = list(r.get("concurrency_graphs", {}).items()) + list(r["concurrency"].items())
+    for count, c in measured:
         scale = f"{c['scale']:.2f}x" if "scale" in c else ""
         if count == 16 and "scale" in c:
             scale += f" (target >= {SCALE_TARGET:g}x: {_met(c['scale'] >= SCALE_TARGET)})"
         rtf = f"{c['rtf_median']:.2f} / {c['rtf_max']:.2f}"
         if count == 16:
             rtf += f" (target max <= {SESSION_RTF_TARGET}: {_met(c['rtf_max'] <= SESSION_RTF_TARGET)})"
-        rows.append(f"| {count} | {c['frames_per_s']:.1f} | {scale} | {rtf} |"
+        graphs = "on" if c.get("cuda_graphs") else "off"
+        rows.append(f"| {count} | {graphs} | {c['frames_per_s']:.1f} | {scale} | {rtf} |"
                     f" {c['ttfa_median_ms']:.0f} / {c['ttfa_max_ms']:.0f} ms |")
     if "join" in r:
         j = r["join"]
@@ -508,6 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="concurrent session counts, comma-separated (default: 1,2,4,8,16,32)")
     p.add_argument("--concurrent-frames", type=int, default=50,
                    help="reply length in frames for the concurrency table (default: 50)")
+    p.add_argument("--cuda-graphs", choices=["on", "off", "both"], default="both",
+                   help="on CUDA: the concurrency table with the depth decoder replayed as CUDA graphs, eager, or both")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     try:

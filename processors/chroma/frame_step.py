@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 
 from .llama_step import KVPool, LlamaStack, ScratchKV
 from .modeling import ChromaModel, sample_top_k
@@ -37,7 +38,7 @@ GREEDY = RowPick()
 class FrameStep:
     """The batched frame step over a pool of `rows` backbone caches of `capacity` positions each."""
 
-    def __init__(self, model: ChromaModel, rows: int, capacity: int | None = None):
+    def __init__(self, model: ChromaModel, rows: int, capacity: int | None = None, cuda_graphs: bool | None = None):
         self.model = model
         self.backbone = LlamaStack(model.backbone.model)
         self.decoder = LlamaStack(model.decoder.model)
@@ -53,6 +54,11 @@ class FrameStep:
         self._table = model.decoder.audio_embedding
         self._projection = model.decoder.projection.weight.detach()
         self._head0 = model.backbone.codebook0_head.weight.detach()
+        # On CUDA the depth decoder's levels are many small kernels: replaying them as one captured
+        # graph per batch-size bucket removes the launch overhead. Greedy rows only (sampling draws
+        # from per-row generators on the host).
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def rows(self) -> int:
@@ -68,6 +74,7 @@ class FrameStep:
             self.pool.keys[layer][: old.rows] = old.keys[layer]
             self.pool.values[layer][: old.rows] = old.values[layer]
         self.scratch = ScratchKV(self.decoder, rows, self.codebooks, self.device, self.dtype)
+        self._graphs.clear()  # they captured the old scratch buffers
 
     # -- backbone -------------------------------------------------------------------
 
@@ -111,6 +118,44 @@ class FrameStep:
     def decode(self, hidden: torch.Tensor, picks: list[RowPick]) -> torch.Tensor:
         """Every row's frame [B, n] from its backbone hidden state [B, H]: level 0 from the
         backbone's head, levels 1..n-1 from the depth decoder."""
+        if self.cuda_graphs and self.device.type == "cuda" and not any(p.do_sample for p in picks):
+            replayed = self._replay(hidden)
+            if replayed is not None:
+                return replayed
+        return self._decode(hidden, picks)
+
+    def _replay(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        batch = hidden.shape[0]
+        bucket = 1 << (batch - 1).bit_length()  # 1, 2, 4, 8, ...: few graphs, little padding
+        if bucket > self.scratch.rows:
+            return None
+        if bucket not in self._graphs:
+            try:
+                self._graphs[bucket] = self._capture(bucket)
+            except Exception as exc:  # a driver or kernel that cannot be captured: run eagerly
+                logger.warning(f"CUDA graph capture of the depth decoder failed ({exc}); running it eagerly")
+                self.cuda_graphs = False
+                return None
+        graph, static_in, static_out = self._graphs[bucket]
+        static_in[:batch].copy_(hidden)
+        graph.replay()
+        return static_out[:batch].clone()
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = torch.zeros(bucket, self.backbone.hidden, device=self.device, dtype=self.dtype)
+        greedy = [GREEDY] * bucket
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
+            for _ in range(2):
+                self._decode(static_in, greedy)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._decode(static_in, greedy)
+        return graph, static_in, static_out
+
+    def _decode(self, hidden: torch.Tensor, picks: list[RowPick]) -> torch.Tensor:
         batch = hidden.shape[0]
         codes = [self._pick(F.linear(hidden, self._head0), picks)]
         first = torch.stack([hidden, self._table.rows(codes[0][:, None])[:, 0]], dim=1)

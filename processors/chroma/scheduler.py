@@ -125,6 +125,7 @@ class FrameScheduler:
     def __init__(self, model: ChromaModel, initial_rows: int = 4):
         self.model = model
         self._initial_rows = initial_rows
+        self._cuda_graphs: bool | None = None  # None: on where the device is CUDA
         self._step: FrameStep | None = None
         self._streams: list[ReplyStream] = []
         self._jobs: deque[tuple[Callable, tuple, Future]] = deque()
@@ -166,6 +167,12 @@ class FrameScheduler:
             self._wake.notify()
         return future
 
+    def set_cuda_graphs(self, on: bool) -> None:
+        """Replay the depth decoder as captured CUDA graphs (on CUDA), or run it eagerly."""
+        self._cuda_graphs = on
+        if self._step is not None:
+            self._step.cuda_graphs = on
+
     def wake(self) -> None:
         with self._wake:
             self._wake.notify()
@@ -191,7 +198,7 @@ class FrameScheduler:
         """Give a reply a backbone row holding its voice prefix; it runs from the next tick on.
         Called on the scheduler thread (from a job)."""
         if self._step is None:
-            self._step = FrameStep(self.model, self._initial_rows)
+            self._step = FrameStep(self.model, self._initial_rows, cuda_graphs=self._cuda_graphs)
         step = self._step
         row = len(self._streams)
         if row >= step.rows:
