@@ -8,8 +8,8 @@ batching); each keeps its own backbone cache in one row of a shared pool, packed
 batch is always rows 0..B-1.
 
 Work that is not a frame (a new turn's audio encoder and thinker prefill, a voice prefix) is
-a job: the scheduler runs at most one job between two ticks, so a new caller's turn delays the
-others' audio by at most one job.
+a job: the scheduler runs at most one job, or one piece of a job written as a generator, between
+two ticks, so a new caller's turn delays the others' audio by at most one piece per tick.
 
 All model work for a model runs on this one thread, so the event loop never blocks and no two
 steps race on a cache.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import threading
 import time
 import weakref
@@ -129,6 +130,7 @@ class FrameScheduler:
         self._step: FrameStep | None = None
         self._streams: list[ReplyStream] = []
         self._jobs: deque[tuple[Callable, tuple, Future]] = deque()
+        self._piecewise: deque[tuple[object, Future]] = deque()  # generator jobs under way
         self._wake = threading.Condition()
         self._stats = EngineStats()
         self._tick_avg = 0.0
@@ -227,14 +229,16 @@ class FrameScheduler:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._closed and not self._jobs and not self._runnable():
+                    while not self._closed and not self._jobs and not self._piecewise and not self._runnable():
                         self._wake.wait(timeout=1.0)
                     if self._closed:
                         break
-                    job = self._jobs.popleft() if self._jobs else None
+                    job = self._jobs.popleft() if self._jobs and not self._piecewise else None
                 started = time.perf_counter()
                 if job is not None:
                     self._run_job(*job)
+                elif self._piecewise:
+                    self._next_piece(*self._piecewise.popleft())
                 if self._runnable():
                     self._tick()
                     self._note_cycle(time.perf_counter() - started)
@@ -243,17 +247,32 @@ class FrameScheduler:
                     self._stats.behind_real_time = False
         for stream in list(self._streams):
             self.retire(stream, RuntimeError("the engine scheduler was closed"))
-        for _, _, future in self._jobs:
+        for future in [f for _, _, f in self._jobs] + [f for _, f in self._piecewise]:
             future.set_exception(RuntimeError("the engine scheduler was closed"))
 
-    @staticmethod
-    def _run_job(fn: Callable, args: tuple, future: Future) -> None:
+    def _run_job(self, fn: Callable, args: tuple, future: Future) -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(fn(*args))
+            result = fn(*args)
         except BaseException as exc:  # handed to the awaiting caller, never lost
             future.set_exception(exc)
+            return
+        if inspect.isgenerator(result):
+            self._next_piece(result, future)
+        else:
+            future.set_result(result)
+
+    def _next_piece(self, pieces, future: Future) -> None:
+        """Run a generator job up to its next `yield`; its return value is the job's result."""
+        try:
+            next(pieces)
+        except StopIteration as done:
+            future.set_result(done.value)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            self._piecewise.append((pieces, future))
 
     def _runnable(self) -> bool:
         return any(s.cancelled.is_set() or s.has_room for s in self._streams)

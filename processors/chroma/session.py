@@ -289,8 +289,10 @@ class ChromaSession:
         if callback is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback, call)
 
-    def _start_reply(self, user_audio: np.ndarray | None, say: str | None = None) -> ReplyStream:
-        # A job on the scheduler thread, between ticks: the previous reply's step (if any) is over.
+    def _start_reply(self, user_audio: np.ndarray | None, say: str | None = None):
+        """A job on the scheduler thread, in pieces (each `yield` lets one tick of the other calls run):
+        the caller's audio heard, the thinker's prefill, then the voice prefix and a row in the batch.
+        The previous reply's last step is over before the first piece runs."""
         self._close_previous_reply()
         with self._voice_lock:  # a switch asked for during the last reply starts here
             if self._next_voice is not None:
@@ -303,6 +305,7 @@ class ChromaSession:
         else:
             features = feature_mask = None
             segment = pending + self.layout.assistant_start()
+        yield
         ids = torch.tensor([segment], dtype=torch.long)
         hidden, token, next_pos = prefill_thinker(
             self.model, ids, self.thinker_cache, self.thinker_position, features, feature_mask
@@ -313,6 +316,7 @@ class ChromaSession:
         else:
             factory, token_filter = self.thinker_stream, self._make_filter()
         stream = factory(self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, token_filter)
+        yield
         prompt = self._voice_prompt()
         steps = ResponseSteps(self.model, prompt, stream, self.max_frames, self.sampling)
         live = ReplyStream(steps, prompt, self.chunk_frames, self._chunk, self._loop)

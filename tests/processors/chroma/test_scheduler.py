@@ -157,3 +157,52 @@ def test_the_scheduler_reports_what_a_server_needs(tiny, voice):
     assert max(s["sessions"] for s in seen) >= 2
     assert all(s["tick_seconds"] > 0 for s in seen)
     assert all(isinstance(s["behind_real_time"], bool) for s in seen)
+
+
+def test_a_new_turn_starts_in_pieces_with_the_others_ticks_between_them(tiny, voice, monkeypatch):
+    scheduler = FrameScheduler.for_model(tiny)
+    events = []
+    tick = scheduler._tick
+
+    def recorded_tick():
+        events.append("tick")
+        tick()
+
+    monkeypatch.setattr(scheduler, "_tick", recorded_tick)
+
+    async def scenario():
+        streaming = tiny.new_session(voice=voice, system_prompt=PROMPT, max_frames=60)
+        joining = tiny.new_session(voice=voice, system_prompt=PROMPT, max_frames=4)
+        start = joining._start_reply
+
+        def start_recorded(*args):
+            gen = start(*args)
+            try:
+                while True:
+                    next(gen)
+                    events.append("piece")
+                    yield
+            except StopIteration as done:
+                events.append("piece")
+                return done.value
+
+        monkeypatch.setattr(joining, "_start_reply", start_recorded)
+        first = asyncio.Event()
+
+        async def stream():
+            async for _chunk in streaming.respond(user_audio(0.5, 81)):
+                first.set()
+
+        background = asyncio.create_task(stream())
+        await first.wait()
+        events.append("join")
+        [c async for c in joining.respond(user_audio(0.5, 82))]
+        streaming.cancel()
+        await background
+
+    asyncio.run(scenario())
+    after = events[events.index("join"):]
+    pieces = [i for i, e in enumerate(after) if e == "piece"]
+    assert len(pieces) == 3  # heard, prefilled, admitted
+    for a, b in zip(pieces, pieces[1:], strict=False):
+        assert "tick" in after[a:b]  # the streaming call advanced between two pieces
