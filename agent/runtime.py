@@ -271,9 +271,11 @@ class AgentRuntime:
             bool(state.get("behind_real_time"))
         )
         for key, help_text in (
-            ("batch_size", "Replies advanced together in one engine step."),
-            ("tick_seconds", "Seconds the engine's last step took."),
-            ("sessions", "Engine sessions open."),
+            ("batch_size", "Replies advanced together in the engine's last tick."),
+            ("tick_seconds", "Seconds per engine tick (with the job between ticks), averaged over about 2 s."),
+            ("sessions", "Replies in flight in the engine."),
+            ("reply_rtf_max", "The slowest reply in flight: wall seconds per second of audio (above 1: gaps)."),
+            ("reply_rtf_median", "The median reply in flight: wall seconds per second of audio."),
         ):
             value = state.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):

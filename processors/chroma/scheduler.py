@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import inspect
+import statistics
 import threading
 import time
 import weakref
@@ -185,6 +186,8 @@ class FrameScheduler:
             "sessions": s.sessions, "batch_size": s.batch_size, "tick_seconds": s.tick_seconds,
             "behind_real_time": s.behind_real_time, "ticks": s.ticks, "frames": s.frames,
             "reply_rtf": list(s.reply_rtf),
+            "reply_rtf_max": max(s.reply_rtf, default=0.0),
+            "reply_rtf_median": statistics.median(s.reply_rtf) if s.reply_rtf else 0.0,
         }
 
     def close(self) -> None:

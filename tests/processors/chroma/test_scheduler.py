@@ -157,6 +157,8 @@ def test_the_scheduler_reports_what_a_server_needs(tiny, voice):
     assert max(s["sessions"] for s in seen) >= 2
     assert all(s["tick_seconds"] > 0 for s in seen)
     assert all(isinstance(s["behind_real_time"], bool) for s in seen)
+    assert any(s["reply_rtf_max"] > 0 for s in seen)
+    assert all(s["reply_rtf_max"] >= s["reply_rtf_median"] >= 0 for s in seen)
 
 
 def test_a_new_turn_starts_in_pieces_with_the_others_ticks_between_them(tiny, voice, monkeypatch):
