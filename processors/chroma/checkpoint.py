@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
 from .config import ChromaConfig, ConfigError, preset_config, tiny_config
+from .engine import ChromaEngine
 from .modeling import ChromaModel
 from .text import tokenizer_for
 
@@ -110,7 +111,7 @@ def _construct(config: ChromaConfig, device: torch.device, dtype: torch.dtype) -
     overwritten next). Building under the default dtype, as transformers does, keeps the
     rotary tables in float32 while parameters and codec buffers take `dtype`."""
     with no_init_weights(), torch.device(device), _default_dtype(dtype):
-        model = ChromaModel(config)
+        model = ChromaEngine(config)
     return model.requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
 
 
@@ -165,12 +166,20 @@ def _randomise(model: ChromaModel, seed: int, on_device: bool = False) -> None:
     model.tie_weights()
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that is a view into a larger one (the frame step fuses q/k/v and gate/up and leaves
+    the parameters as views) is copied: safetensors writes each tensor from storage of its own."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def save_model(model: ChromaModel, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
     """Write config.json and safetensors in the released layout (tied tensors omitted)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _expected_tensors(model).items()}
+    tensors = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in _expected_tensors(model).items()}
     if max_shard_bytes is None:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return folder

@@ -2,8 +2,9 @@
 
 The thinker (Qwen2.5-Omni) and the codec (Mimi) are transformers' own classes; the
 backbone and the depth decoder are Llama stacks fed with vectors, plus Chroma's own
-heads and the shared audio-code embedding. This module holds maths only: no threads,
-no queues, no sessions.
+heads and the shared audio-code embedding. This module holds modules and maths only: no
+threads, no queues, no sessions, and no import of the generation or session code (the
+loader builds `engine.ChromaEngine`, which adds those entry points on top).
 """
 
 from __future__ import annotations
@@ -99,26 +100,6 @@ class ChromaModel(nn.Module):
         self.tie_weights()
         self.source = "unloaded"
         self.tokenizer = None  # set by the loader: the checkpoint's tokenizer
-
-    # -- the public generation API (maths in generation.py, plumbing in session.py) --
-
-    def generate_codes(self, inputs: dict, max_new_frames: int, do_sample: bool = False, **kwargs) -> torch.Tensor:
-        from .generation import generate_codes
-
-        return generate_codes(self, inputs, max_new_frames, do_sample=do_sample, **kwargs)
-
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        from .generation import decode_codes
-
-        return decode_codes(self, codes)
-
-    def new_session(self, voice, system_prompt: str = "", **kwargs):
-        """A streaming conversation for one call; see `session.ChromaSession`."""
-        from .session import ChromaSession
-
-        if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer; load it with load_model()")
-        return ChromaSession(self, self.tokenizer, voice, system_prompt, **kwargs)
 
     def tie_weights(self) -> None:
         self.thinker.lm_head.weight = self.thinker.model.language_model.embed_tokens.weight

@@ -269,3 +269,18 @@ def test_the_random_4b_preset_has_the_released_models_dimensions():
     assert 950 < millions(model.backbone) < 1100  # ~1B
     assert 3000 < millions(model.thinker) < 4000  # ~3B with its audio encoder
     assert 100 < millions(model.decoder) < 200  # ~100M
+
+
+def test_a_model_whose_frame_step_fused_its_projections_saves_and_loads_back(voice, tmp_path):
+    """The frame step leaves q/k/v and gate/up as views into fused matrices; saving must still write
+    each tensor under its released name, and the model loaded back must answer the same."""
+    from processors.chroma.frame_step import FrameStep
+
+    model = load_model("tiny", device="cpu")
+    FrameStep(model, rows=1)
+    layer = model.backbone.model.layers[0].self_attn
+    assert layer.q_proj.weight.untyped_storage().data_ptr() == layer.k_proj.weight.untyped_storage().data_ptr()
+    save_model(model, tmp_path / "fused")
+    loaded = load_model(str(tmp_path / "fused"), device="cpu")
+    inputs = processor_inputs(model, voice, user_audio(0.6, 5))
+    assert torch.equal(model.generate_codes(inputs, 6), loaded.generate_codes(inputs, 6))
