@@ -166,20 +166,12 @@ def _randomise(model: ChromaModel, seed: int, on_device: bool = False) -> None:
     model.tie_weights()
 
 
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor that is a view into a larger one (the frame step fuses q/k/v and gate/up and leaves
-    the parameters as views) is copied: safetensors writes each tensor from storage of its own."""
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        return tensor.clone()
-    return tensor
-
-
 def save_model(model: ChromaModel, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
     """Write config.json and safetensors in the released layout (tied tensors omitted)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    tensors = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in _expected_tensors(model).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _expected_tensors(model).items()}
     if max_shard_bytes is None:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return folder
