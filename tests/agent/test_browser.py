@@ -23,7 +23,15 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
 
+# Deadlines for things that take a second or two here: Chromium, the server and the agent share two
+# cores with whatever else runs, so each is many times what it takes on an idle machine. The tests
+# assert that each thing happens, not how fast (bench/ measures that).
 CALL_TIMEOUT_SECS = 60
+STEP_TIMEOUT_SECS = 60  # a call to start, to end after a hang-up, the page to show its state
+# Chromium's fake microphone starts playing the file when the page asks for it, before the call is up;
+# speech in that time is lost. Calls were up 1.4 s after the page loaded, 1.8 s with another process
+# busy, when a 0.5 s lead-in lost the caller's only line (no turn at all) in 3 runs of 3.
+LEAD_IN_SECS = 6.0
 # The agent's audio as the page measures it (RMS of the remote track): silence reads 0.0; the tiny
 # model's noise reads well above this.
 AUDIBLE_RMS = 0.01
@@ -31,11 +39,11 @@ AUDIBLE_RMS = 0.01
 
 @pytest.fixture(scope="module")
 def caller_wav(tmp_path_factory):
-    """~1.5 s of speech after a short lead-in, then silence: Chromium loops the file, so it must outlast
-    the test or the caller would speak again."""
+    """~1.5 s of speech after a lead-in, then silence: Chromium loops the file, so it must outlast the
+    test or the caller would speak again."""
     rate = 48000
     speech = synthesize("Hi, where is my order?", rate)
-    samples = np.concatenate([silence(0.5, rate), speech, silence(CALL_TIMEOUT_SECS + 30, rate)])
+    samples = np.concatenate([silence(LEAD_IN_SECS, rate), speech, silence(CALL_TIMEOUT_SECS + 30, rate)])
     path = tmp_path_factory.mktemp("caller") / "caller48k.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -61,14 +69,14 @@ class Server:
         self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STEP_TIMEOUT_SECS
         while not self.uvicorn.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True
-        self.thread.join(timeout=20)
+        self.thread.join(timeout=STEP_TIMEOUT_SECS)
         self.sock.close()
 
 
@@ -110,7 +118,7 @@ async def call_until_answered(page: Page) -> dict:
     return state
 
 
-async def until(page: Page, expression: str, what: str, timeout: float = 15):
+async def until(page: Page, expression: str, what: str, timeout: float = STEP_TIMEOUT_SECS):
     deadline = time.monotonic() + timeout
     while not await page.evaluate(expression):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -124,8 +132,15 @@ async def wait_for(condition, timeout: float, what: str):
         await asyncio.sleep(0.2)
 
 
+async def ready_for_a_call(runtime: AgentRuntime) -> None:
+    """Wait until the server would take a call (what /readyz says): on a busy machine the engine can still
+    be behind real time from the test before, and a call placed then is refused as busy."""
+    await wait_for(lambda: runtime.busy_reason() is None, STEP_TIMEOUT_SECS, "the server to be ready for a call")
+
+
 async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, caller_wav):
     runtime, base = server
+    await ready_for_a_call(runtime)
     turns_before = runtime.metrics.turns
     async with chromium(*fake_mic(caller_wav)) as devtools:
         async with Page.open(devtools, f"{base}/?raw=1&autostart=1") as page:
@@ -153,7 +168,10 @@ async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, cal
             # The transcript fills while the reply is spoken (the tiny model's text is unreadable bytes).
             await until(page, "document.querySelectorAll('#transcript li').length > 0", "the transcript to fill")
             line = await page.evaluate("document.querySelector('#transcript li').textContent")
-            assert re.fullmatch(r"\(reply 1: \d+\.\d s of audio, no readable text\)", line), line
+            # Random tokens are mostly bytes that are no text, and the page says so; now and then they hold a
+            # stray readable character (seen with another process busy), which the page shows as said so far.
+            if not re.fullmatch(r"\(reply 1: \d+\.\d s of audio, no readable text\)", line):
+                assert calls[0].service.sent_text.startswith(line), (line, calls[0].service.sent_text)
             print(
                 f"\nbrowser: ttfa heard {state['heardTtfa']} ms, server {state['ttfa']} ms, "
                 f"max agent RMS {state['maxAudioLevel']:.3f}"
@@ -161,7 +179,7 @@ async def test_a_browser_call_is_heard_answered_and_freed_on_hang_up(server, cal
 
             await page.evaluate("document.getElementById('hangup').click()")
             # Closing the peer connection in the browser must end the call and free its session.
-            await wait_for(lambda: not runtime.calls, 15, "the server to end the call after hang-up")
+            await wait_for(lambda: not runtime.calls, STEP_TIMEOUT_SECS, "the server to end the call after hang-up")
             assert runtime.metrics.calls_active == 0
             assert (await page_state(page))["state"] == "ended"
 
@@ -170,9 +188,10 @@ async def test_two_browser_calls_at_once_each_get_their_own_answer(server, calle
     runtime, base = server
     webrtc_calls_before = runtime.metrics.calls["webrtc"]
     url = f"{base}/?raw=1&autostart=1"
+    await ready_for_a_call(runtime)
     async with chromium(*fake_mic(caller_wav)) as devtools:
         async with Page.open(devtools, url) as first, Page.open(devtools, url) as second:
-            await wait_for(lambda: len(runtime.calls) == 2, 20, "both calls to start")
+            await wait_for(lambda: len(runtime.calls) == 2, STEP_TIMEOUT_SECS, "both calls to start")
             calls = list(runtime.calls.values())
             states = await asyncio.gather(call_until_answered(first), call_until_answered(second))
             for state in states:
@@ -188,22 +207,23 @@ async def test_two_browser_calls_at_once_each_get_their_own_answer(server, calle
             first.close_tab()
             second.close_tab()
             await wait_for(
-                lambda: not runtime.calls, 15, "the server to end both calls after their tabs closed"
+                lambda: not runtime.calls, STEP_TIMEOUT_SECS, "the server to end both calls after their tabs closed"
             )
 
 
 async def test_stopping_the_server_hangs_up_its_calls(runtime, caller_wav):
     srv = Server(runtime)
     try:
+        await ready_for_a_call(runtime)
         async with chromium(*fake_mic(caller_wav)) as devtools:
             async with Page.open(devtools, f"{srv.url}/?raw=1&autostart=1") as page:
-                await wait_for(lambda: len(runtime.calls) == 1, 20, "the call to start")
+                await wait_for(lambda: len(runtime.calls) == 1, STEP_TIMEOUT_SECS, "the call to start")
                 state = await call_until_answered(page)
                 assert state and state["connected"], state
                 await asyncio.to_thread(srv.stop)
                 assert not runtime.calls and runtime.metrics.calls_active == 0
                 # The agent's side hung up, and the page says so rather than reporting a failure.
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + STEP_TIMEOUT_SECS
                 while (state := await page_state(page))["state"] == "connected" and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                 assert state["state"] == "ended by agent", state

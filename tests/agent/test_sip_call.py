@@ -4,7 +4,6 @@ placed by real SIP phones: SIPp (speech, an RFC 4733 key, BYE; and a 20-call loa
 
 import asyncio
 import random
-import resource
 import shutil
 import socket
 import time
@@ -212,6 +211,14 @@ async def test_baresip_caller_hears_the_agent_answer(agent, tmp_path):
     assert handler.pool.in_use == set()
 
 
+# Each caller stays up this long after its call is answered. Replies to 20 turns ending together queue
+# for the model: measured on a loaded 2-core machine, first audio came 0.2 s later per call in the queue
+# (0.6 s to 2.8 s for the first 11), and 9 of 20 callers had hung up unanswered when they stayed 6 s. The
+# turn ends about 3 s in, so this leaves ~17 s, over 3x the ~5 s the 20th answer took; how fast answers
+# come is bench.phone's to measure, not this test's.
+LOAD_CALL_HOLD_SECS = 20
+
+
 @requires_espeak
 @needs_sipp
 async def test_sipp_load_of_20_concurrent_calls_all_complete(agent, tmp_path):
@@ -226,7 +233,6 @@ async def test_sipp_load_of_20_concurrent_calls_all_complete(agent, tmp_path):
         most = max(most, sum(1 for m in handler.media.values() if m.call is not None))
 
     handler.start = counting_start
-    cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     await sipp(
         "uac_speech.xml",
         server.port,
@@ -238,20 +244,20 @@ async def test_sipp_load_of_20_concurrent_calls_all_complete(agent, tmp_path):
         "-l",
         "20",
         "-d",
-        "6000",
+        str(LOAD_CALL_HOLD_SECS * 1000),
         calls=20,
-        timeout=60,
+        timeout=LOAD_CALL_HOLD_SECS + 60,
     )
     await all_ended(handler, 20, timeout=30)
-    cpu1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
 
     assert len(handler.finished) == 20 and {r for _, r, _ in handler.finished} == {"bye"}
     assert all(rtp["packets_in"] > 50 and rtp["packets_out"] > 100 for _, _, rtp in handler.finished)
     assert most == 20
-    assert len(calls) == 20 and all(call.stats.ttfa for call in calls)  # every caller got an answer
+    unanswered = [call.stats.summary() for call in calls if not call.stats.ttfa]
+    assert len(calls) == 20 and not unanswered, unanswered  # every caller got an answer
+    print(f"20-call load: slowest first answer {max(call.stats.ttfa[0] for call in calls):.2f} s after its turn")
+    assert all(call.stats.failed_turns == 0 for call in calls)
     assert handler.pool.in_use == set() and server.dialogs == {}
-    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    print(f"20-call load: {cpu:.1f} s CPU over {wall1 - wall0:.1f} s wall, {len(calls)} agent calls")
 
 
 async def test_the_app_runs_the_sip_server_for_its_lifespan(tmp_path, tiny_model):

@@ -65,6 +65,14 @@ turns = [
 ]
 """
 
+# Limits with room for a busy 2-core machine; the agents meant to fail them miss by far more. Measured
+# at the caller's end with another process keeping one core busy: a well-behaved agent's first audio
+# 150-800 ms (WebRTC and SIP the slowest), its barge-in stop 200-430 ms; an agent that ignores barge-in
+# stops 7-8 s after it, and one that waits SLOW_SILENCE_SECS answers after at least that.
+FIRST_AUDIO_LIMIT_MS = 2000
+BARGE_IN_STOP_LIMIT_MS = 1000
+SLOW_SILENCE_SECS = 4.0
+
 SCENARIOS = """
 agent: agent.yaml
 scenarios:
@@ -78,7 +86,7 @@ scenarios:
       - user: "Wait."
         barge_in_after_ms: 1500
         expect:
-          - {event: bot_stopped_speaking, within_ms: 600}
+          - {event: bot_stopped_speaking, within_ms: %(barge_in_stop_ms)s}
           - {event: kept_text_prefix}
       - user: "That is all, thanks."
     expect:
@@ -87,7 +95,9 @@ scenarios:
 """
 
 
-def write_case(folder: Path, *, interruptions=True, silence_secs=0.4, after_lookup="verify", first_audio_ms=1500):
+def write_case(
+    folder: Path, *, interruptions=True, silence_secs=0.4, after_lookup="verify", first_audio_ms=FIRST_AUDIO_LIMIT_MS
+):
     (folder / "tools.py").write_text("def lookup_order(order_id):\n    return {'status': 'shipped'}\n")
     (folder / "flow.yaml").write_text(FLOW % {"after_lookup": after_lookup})
     (folder / "script.py").write_text(SCRIPT)
@@ -103,7 +113,9 @@ def write_case(folder: Path, *, interruptions=True, silence_secs=0.4, after_look
             """
         )
     )
-    (folder / "order.yaml").write_text(SCENARIOS % {"first_audio_ms": first_audio_ms})
+    (folder / "order.yaml").write_text(
+        SCENARIOS % {"first_audio_ms": first_audio_ms, "barge_in_stop_ms": BARGE_IN_STOP_LIMIT_MS}
+    )
     return load_scenarios(folder / "order.yaml")
 
 
@@ -132,27 +144,30 @@ def test_a_well_behaved_agent_passes_the_same_scenario_over_each_line(tmp_path, 
     measured = result.measurements()
     assert len(measured["first_audio_ms"]) == 3 and len(measured["barge_in_stop_ms"]) == 1
     # time to first audio is measured at the wire, after the caller's speech ended
-    assert all(0 < ms < 1500 for ms in measured["first_audio_ms"])
+    assert all(0 < ms < FIRST_AUDIO_LIMIT_MS for ms in measured["first_audio_ms"])
 
 
 @requires_espeak
 def test_an_agent_that_ignores_barge_in_fails_only_the_barge_in_expectations(tmp_path):
     result = run_once(write_case(tmp_path, interruptions=False))
-    assert failed(result) == ["turn 2: bot_stopped_speaking within 600 ms", "turn 2: kept_text_prefix"]
+    assert failed(result) == [
+        f"turn 2: bot_stopped_speaking within {BARGE_IN_STOP_LIMIT_MS} ms",
+        "turn 2: kept_text_prefix",
+    ]
 
 
 @requires_espeak
 def test_a_slow_agent_fails_only_the_time_to_first_audio(tmp_path):
-    # it waits 2.5 s of silence before answering: every answer comes too late for the 1500 ms limit
-    result = run_once(write_case(tmp_path, silence_secs=2.5))
-    assert failed(result) == ["turn 1: bot_started_speaking within 1500 ms"]
+    # it waits 4 s of silence before answering: every answer comes too late for the 2000 ms limit
+    result = run_once(write_case(tmp_path, silence_secs=SLOW_SILENCE_SECS))
+    assert failed(result) == [f"turn 1: bot_started_speaking within {FIRST_AUDIO_LIMIT_MS} ms"]
 
 
 @requires_espeak
 def test_an_agent_whose_flow_skips_a_node_fails_only_that_node(tmp_path):
     result = run_once(write_case(tmp_path, after_lookup="bye"))
     assert "node_reached verify" in failed(result)
-    assert "turn 1: bot_started_speaking within 1500 ms" not in failed(result)
+    assert f"turn 1: bot_started_speaking within {FIRST_AUDIO_LIMIT_MS} ms" not in failed(result)
     assert "turn 1: function_call lookup_order {'order_id': 'A17'}" not in failed(result)
 
 
