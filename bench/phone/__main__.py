@@ -35,7 +35,7 @@ from ..pipeline.common import REPLY_SECS, VAD_START_SECS, Speech, log, ms, perce
 from .common import GAP_LIMIT_SECS, PhoneServer
 from .server import add_server_args, cmd_server
 from .sip import run_sip
-from .twilio import run_twilio
+from .twilio import CALL_SECS, run_twilio
 
 BARGE_TARGET = VAD_START_SECS + 0.040
 
@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.calls = [int(x) for x in args.calls.split(",")]
     args.parts = set(args.parts.split(","))
+    if "twilio" in args.parts and args.seconds + 2.0 < CALL_SECS:
+        # each Twilio slot only places calls that end within the run (2 s of grace): none would be placed
+        p.error(f"--seconds {args.seconds:g}: one Twilio call takes {CALL_SECS:g} s; give at least {CALL_SECS - 2:g}")
     results = asyncio.run(_run(args))
     if results["twilio"]:
         print("\n### Twilio Media Streams\n\n" + twilio_table(results["twilio"]))

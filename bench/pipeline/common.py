@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,20 +90,25 @@ class StandInConfig:
 
 
 class StandInSession:
-    """The session interface ChromaS2SService uses, answering every turn with a fixed tone at once.
-
-    Chunks are `chunk_frames` engine frames (80 ms each) long, as the real session streams them."""
+    """A call's engine session (processors.chroma.session_protocol.SpeechSession, what ChromaS2SService
+    uses; not subclassed, so a member it lacks fails the protocol test) answering every turn with a
+    fixed tone at once. Chunks are `chunk_frames` engine frames (80 ms each) long, as the real session
+    streams them; `say=` lines get the same tone."""
 
     def __init__(self, model: StandInModel, system_prompt: str, chunk_frames: int):
         self.model = model
         self.system_prompt = system_prompt
+        self.on_tool_call: Callable[[Any], None] | None = None
         self.chunk_frames = chunk_frames
         self.turns = 0
         self.heard_frames: int | None = None
         self.instructions: list[str] = []
+        self.tools: Any = None
+        self.tool_results: list[Any] = []
+        self.voice: Any = None
         self._cancelled = False
 
-    async def respond(self, user_audio_16k: np.ndarray):
+    async def respond(self, user_audio_16k: np.ndarray | None = None, *, say: str | None = None):
         self._cancelled = False
         self.turns += 1
         audio = self.model.reply
@@ -112,7 +119,7 @@ class StandInSession:
                 return
             piece = audio[i : i + step]
             frames = max(1, round(piece.size / (ENGINE_FRAME_SECS * ENGINE_RATE)))
-            yield StandInChunk(piece, (frame, frame + frames))
+            yield StandInChunk(piece, (frame, frame + frames), say or "")
             frame += frames
 
     def cancel(self) -> None:
@@ -123,6 +130,18 @@ class StandInSession:
 
     def instruct(self, text: str) -> None:
         self.instructions.append(text)
+
+    def set_tools(self, tools: Any) -> None:
+        self.tools = tools
+
+    def tool_result(self, result: Any) -> None:
+        self.tool_results.append(result)
+
+    def set_voice(self, voice: Any) -> None:
+        self.voice = voice
+
+    async def prepare_voice(self) -> None:
+        return None
 
     @property
     def kept_text(self) -> str:
@@ -140,7 +159,7 @@ class StandInModel:
         t = np.arange(n) / ENGINE_RATE
         self.reply = (TONE_AMPLITUDE * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
 
-    def new_session(self, voice, system_prompt: str = "", *, chunk_frames: int = 2, **_kwargs):
+    def new_session(self, voice, system_prompt: str = "", *, chunk_frames: int = 2, **_kwargs) -> StandInSession:
         return StandInSession(self, system_prompt, chunk_frames)
 
 
