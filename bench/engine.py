@@ -34,7 +34,6 @@ from processors.chroma.checkpoint import default_device, default_dtype, load_mod
 from processors.chroma.codec_stream import StreamingCodecDecoder
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.frame_step import GREEDY, FrameStep
-from processors.chroma.scheduler import FrameScheduler
 from processors.chroma.generation import (
     ResponseSteps,
     ThinkerStream,
@@ -42,6 +41,7 @@ from processors.chroma.generation import (
     codec_codes,
     prefill_thinker,
 )
+from processors.chroma.scheduler import FrameScheduler
 from processors.chroma.text import processor_inputs
 
 SYSTEM_PROMPT = "You are a helpful voice agent. Answer briefly."
@@ -338,7 +338,7 @@ class EngineBench:
                 rows[count] = asyncio.run(self._concurrent(count, frames))
                 rows[count]["cuda_graphs"] = graphs
             if 1 in rows:
-                for count, row in rows.items():
+                for row in rows.values():
                     row["scale"] = row["frames_per_s"] / rows[1]["frames_per_s"]
             r["concurrency_graphs" if graphs and len(graph_modes) > 1 else "concurrency"] = rows
         scheduler.set_cuda_graphs(graph_modes[0])

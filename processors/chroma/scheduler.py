@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 
+from .codec_stream import StreamingCodecDecoder
+from .codec_stream import decode_together as decode_chunks
 from .frame_step import FrameStep, RowPick
-from .generation import ResponseSteps, VoicePrompt
+from .generation import ResponseSteps, VoicePrompt, codec_codes
 from .modeling import ChromaModel
-from .thinker_batch import decode_together
+from .thinker_batch import decode_together as think_together
 
 FRAME_SECONDS = 0.08  # one codec frame: the budget of one tick for every reply to stay real time
 # Ticks (each with the job before it) averaged over about two seconds: one long prefill is not
@@ -46,8 +48,9 @@ TICK_SMOOTHING = 0.04
 class ReplyStream:
     """One reply in flight: its steps, its backbone row, and the queue its chunks go to.
 
-    `make_chunk(frames)` (the session's) turns a list of frame codes into what the consumer gets;
-    it runs on the scheduler thread. The consumer calls `taken()` for each item it reads, which
+    `make_chunk(frames, audio)` (the session's) turns a list of frame codes and their audio (decoded
+    by `codec`, this reply's streaming decoder, batched with the other replies') into what the
+    consumer gets; it runs on the scheduler thread. The consumer calls `taken()` for each item it reads, which
     lets the reply run `max_pending` chunks ahead of it and no more."""
 
     def __init__(
@@ -55,13 +58,15 @@ class ReplyStream:
         steps: ResponseSteps,
         prompt: VoicePrompt,
         chunk_frames: int,
-        make_chunk: Callable[[list[torch.Tensor]], object],
+        codec: StreamingCodecDecoder,
+        make_chunk: Callable[[list[torch.Tensor], torch.Tensor], object],
         loop: asyncio.AbstractEventLoop,
         max_pending: int = 2,
     ):
         self.steps = steps
         self.prompt = prompt
         self.chunk_frames = chunk_frames
+        self.codec = codec
         self.make_chunk = make_chunk
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -348,13 +353,17 @@ class FrameScheduler:
         for stream, is_live, parts in zip(batch, live, inputs, strict=True):
             if is_live:  # all lengths first: a reply that ends below moves another row, whole
                 stream.length += parts.shape[0]
+        chunks: list[tuple[ReplyStream, list[torch.Tensor]]] = []
         for stream, is_live, row_codes in zip(batch, live, codes, strict=True):
-            if not is_live:
-                continue
-            try:
-                self._advance(stream, row_codes)
-            except Exception as exc:
-                self._fail(stream, exc)
+            if is_live:
+                try:
+                    self._advance(stream, row_codes, chunks)
+                except Exception as exc:
+                    self._fail(stream, exc)
+        self._decode_chunks(chunks)
+        for stream in batch:  # after their last chunks went out
+            if stream.steps.done and not stream.finished:
+                self.retire(stream)
 
     def _think(self) -> None:
         """The thinker's next tokens for every reply that needs one this tick, decoded as one batch
@@ -363,14 +372,14 @@ class FrameScheduler:
         texting = [s for s in self._streams if not s.cancelled.is_set() and s.has_room and s.steps.wants_text()]
         try:
             while wanting := [s.steps.thinker for s in texting if s.steps.thinker.wants_decode()]:
-                decode_together(self.model, wanting)
+                think_together(self.model, wanting)
         except Exception as exc:
             # Their caches may be half-updated: end these replies rather than let them go on.
             logger.exception("batched thinker step failed; ending the replies in it")
             for stream in texting:
                 self._fail(stream, exc)
 
-    def _advance(self, stream: ReplyStream, codes: torch.Tensor) -> None:
+    def _advance(self, stream: ReplyStream, codes: torch.Tensor, chunks: list) -> None:
         frame = stream.steps.accept(codes)
         self._stats.frames += 1
         if frame is not None:
@@ -379,15 +388,31 @@ class FrameScheduler:
             frames, stream.frames = stream.frames, []
             stream.frames_made += len(frames)
             if not stream.cancelled.is_set():
-                stream.deliver(stream.make_chunk(frames))
-        if stream.steps.done:
-            self._end(stream)
+                chunks.append((stream, frames))
+
+    def _decode_chunks(self, chunks: list[tuple[ReplyStream, list[torch.Tensor]]]) -> None:
+        """The codec's audio for every chunk completed this tick, in one batched pass."""
+        if not chunks:
+            return
+        codes = [codec_codes(self.model, torch.stack(frames)).T.unsqueeze(0) for _, frames in chunks]
+        try:
+            audio = decode_chunks([stream.codec for stream, _ in chunks], codes)
+        except Exception as exc:
+            logger.exception("codec decode failed; ending the replies whose chunks it held")
+            for stream, _ in chunks:
+                self._fail(stream, exc)
+            return
+        for (stream, frames), samples in zip(chunks, audio, strict=True):
+            try:
+                stream.deliver(stream.make_chunk(frames, samples[0]))
+            except Exception as exc:
+                self._fail(stream, exc)
 
     def _end(self, stream: ReplyStream) -> None:
         if stream.frames and not stream.cancelled.is_set():
             frames, stream.frames = stream.frames, []
             stream.frames_made += len(frames)
-            stream.deliver(stream.make_chunk(frames))
+            self._decode_chunks([(stream, frames)])
         self.retire(stream)
 
     def _fail(self, stream: ReplyStream, exc: BaseException) -> None:

@@ -40,7 +40,6 @@ from .generation import (
     TokenFilter,
     VoicePrompt,
     build_voice_prompt,
-    codec_codes,
     prefill_thinker,
     truncate_cache,
 )
@@ -319,18 +318,18 @@ class ChromaSession:
         yield
         prompt = self._voice_prompt()
         steps = ResponseSteps(self.model, prompt, stream, self.max_frames, self.sampling)
-        live = ReplyStream(steps, prompt, self.chunk_frames, self._chunk, self._loop)
+        live = ReplyStream(steps, prompt, self.chunk_frames, self.codec, self._chunk, self._loop)
         self._reply = _Reply(steps, self.thinker_cache.get_seq_length(), next_pos, token_filter, live)
         self._heard_frames = None
         self.codec.reset()
         self.scheduler.admit(live)
         return live
 
-    def _chunk(self, frames: list[torch.Tensor]) -> AudioChunk:
-        """The next chunk of the reply from its new frames (on the scheduler thread)."""
+    def _chunk(self, frames: list[torch.Tensor], audio: torch.Tensor) -> AudioChunk:
+        """The next chunk of the reply from its new frames and their audio (on the scheduler thread)."""
         reply = self._reply
         codes = torch.stack(frames)
-        audio = self.codec.decode(codec_codes(self.model, codes).T.unsqueeze(0))[0].float().cpu().numpy()
+        audio = audio.float().cpu().numpy()
         start = reply.frames_emitted
         reply.frames_emitted += len(frames)
         tokens = reply.steps.text_before(reply.frames_emitted)
