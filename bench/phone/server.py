@@ -19,7 +19,10 @@ def phone_agent(folder: Path, *, port: int, sip_port: int, rtp_ports: tuple[int,
     path = agent_file(folder, name="phone", detector="silence", silence_secs=0.5)
     path.write_text(
         path.read_text()
-        + f"""transports:
+        # max_sessions (all transports together, default 32) as high as the transports' own caps, so the
+        # run measures N calls rather than the default capacity refusing the ones beyond it
+        + f"""max_sessions: {max_calls}
+transports:
   webrtc: {{enabled: false}}
   twilio: {{enabled: true, public_url: "http://127.0.0.1:{port}", auth_token: {AUTH_TOKEN}, max_calls: {max_calls}}}
   sip: {{enabled: true, port: {sip_port}, rtp_ports: [{rtp_ports[0]}, {rtp_ports[1]}], max_calls: {max_calls}}}
