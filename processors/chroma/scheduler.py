@@ -241,10 +241,10 @@ class FrameScheduler:
 
     def _loop(self) -> None:
         # One intra-op thread (torch's setting is process-wide; the call pipelines' own torch ops are
-        # small too): a frame step is hundreds
-        # of small ops, and an OpenMP team forked from a thread other than the main one costs more
-        # than it saves. Measured on 2 cores, tiny preset: a 16-row step 5.4 ms with one thread,
-        # 18 ms with two. The batch is the parallelism; on CUDA the host thread only launches kernels.
+        # small too): a frame step is hundreds of small ops, and an OpenMP team forked from a thread
+        # other than the main one costs more than it saves. Measured on 2 cores, tiny preset: a
+        # 16-row step 5.4 ms with one thread, 18 ms with two. The batch is the parallelism; on CUDA
+        # the host thread only launches kernels.
         torch.set_num_threads(1)
         with torch.inference_mode():
             while True:
