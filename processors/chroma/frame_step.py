@@ -53,6 +53,10 @@ class FrameStep:
         self._levels = model.decoder.codebook_head.weight.detach()  # [n-1, H, V]
         self._table = model.decoder.audio_embedding
         self._projection = model.decoder.projection.weight.detach()
+        # The decoder's input for code c of codebook k is projection(table[k * vocab + c]): computed once
+        # for the whole table (8 x 2051 rows), a level's input is then one lookup instead of three ops.
+        self._vocab = model.config.audio_vocab_size
+        self._projected_codes = F.linear(self._table.embed_audio_tokens.weight.detach(), self._projection)
         self._head0 = model.backbone.codebook0_head.weight.detach()
         # On CUDA the depth decoder's levels are many small kernels: replaying them as one captured
         # graph per batch-size bucket removes the launch overhead. Greedy rows only (sampling draws
@@ -170,7 +174,7 @@ class FrameStep:
             code = self._pick(out[:, -1] @ self._levels[level - 1], picks)
             codes.append(code)
             if level < self.codebooks - 1:
-                step_in = F.linear(self._table.rows(code[:, None], first_codebook=level), self._projection)
+                step_in = self._projected_codes[code + level * self._vocab][:, None]
         return torch.stack(codes, dim=-1)
 
     @staticmethod
