@@ -116,6 +116,10 @@ class VoiceLibraryCache:
                 self._prompts[voice.key] = build_voice_prompt(model, ids, audio, codes=codes)
             return self._prompts[voice.key]
 
+    def has(self, voice: SpeakingVoice) -> bool:
+        with self._lock:
+            return voice.key in self._prompts
+
     def __len__(self) -> int:
         return len(self._prompts)
 
@@ -174,7 +178,10 @@ class ChromaSession:
         turn (after a tool's result, or when a flow node starts); `say` makes that turn exactly this text."""
         self._loop = asyncio.get_running_loop()
         audio = None if user_audio_16k is None else np.asarray(user_audio_16k, dtype=np.float32).reshape(-1)
-        stream: ReplyStream = await self.scheduler.run(self._start_reply, audio, say)
+        # The caller's audio becomes thinker features here, off the scheduler thread (numpy and
+        # small tensors; no model state), so the model's own thread only prefills.
+        heard = None if audio is None else await asyncio.to_thread(self.listener.hear, audio)
+        stream: ReplyStream = await self.scheduler.run(self._start_reply, heard, say)
         ended = False
         try:
             while True:
@@ -267,6 +274,9 @@ class ChromaSession:
             raise ValueError("voice transcript is empty; the reference audio's transcript is required")
         return voice
 
+    def _voice_prompt_ready(self) -> bool:
+        return self.reuse_voice_prompt and _voice_cache(self.model).has(self.voice)
+
     def _voice_prompt(self) -> VoicePrompt:
         if self.reuse_voice_prompt:
             return _voice_cache(self.model).get(self.model, self.tokenizer, self.voice)
@@ -288,9 +298,10 @@ class ChromaSession:
         if callback is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback, call)
 
-    def _start_reply(self, user_audio: np.ndarray | None, say: str | None = None):
+    def _start_reply(self, heard: tuple[torch.Tensor, torch.Tensor, int] | None, say: str | None = None):
         """A job on the scheduler thread, in pieces (each `yield` lets one tick of the other calls run):
-        the caller's audio heard, the thinker's prefill, then the voice prefix and a row in the batch.
+        the thinker's prefill of the turn (`heard`: the caller's audio as features, mask and audio
+        token count, or None for the agent's own turn), then, for a voice not yet cached, its prefix.
         The previous reply's last step is over before the first piece runs."""
         self._close_previous_reply()
         with self._voice_lock:  # a switch asked for during the last reply starts here
@@ -298,13 +309,12 @@ class ChromaSession:
                 self.voice, self._next_voice = self._next_voice, None
         with self._pending_lock:
             pending, self.pending_ids = self.pending_ids, []
-        if user_audio is not None:
-            features, feature_mask, audio_tokens = self.listener.hear(user_audio)
+        if heard is not None:
+            features, feature_mask, audio_tokens = heard
             segment = pending + self.layout.user_audio_turn(audio_tokens)
         else:
             features = feature_mask = None
             segment = pending + self.layout.assistant_start()
-        yield
         ids = torch.tensor([segment], dtype=torch.long)
         hidden, token, next_pos = prefill_thinker(
             self.model, ids, self.thinker_cache, self.thinker_position, features, feature_mask
@@ -315,7 +325,8 @@ class ChromaSession:
         else:
             factory, token_filter = self.thinker_stream, self._make_filter()
         stream = factory(self.model, self.thinker_cache, next_pos, hidden, token, self.lookahead, token_filter)
-        yield
+        if not self._voice_prompt_ready():
+            yield  # building a voice's prefix is a backbone prefill of its own
         prompt = self._voice_prompt()
         steps = ResponseSteps(self.model, prompt, stream, self.max_frames, self.sampling)
         live = ReplyStream(steps, prompt, self.chunk_frames, self.codec, self._chunk, self._loop)
