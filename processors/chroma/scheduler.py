@@ -240,9 +240,9 @@ class FrameScheduler:
             self._stats.tick_seconds = 0.0
 
     def _loop(self) -> None:
-        # One intra-op thread (torch's setting is process-wide; the call pipelines' own torch ops are
-        # small too): a frame step is hundreds of small ops, and an OpenMP team forked from a thread
-        # other than the main one costs more than it saves. Measured on 2 cores, tiny preset: a
+        # One intra-op thread for this thread (OpenMP keeps the setting per thread; the main thread
+        # keeps its own): a frame step is hundreds of small ops, and an OpenMP team forked from a
+        # thread other than the main one costs more than it saves. Measured on 2 cores, tiny preset: a
         # 16-row step 5.4 ms with one thread, 18 ms with two. The batch is the parallelism; on CUDA
         # the host thread only launches kernels.
         torch.set_num_threads(1)
