@@ -47,7 +47,7 @@ def _median_ms(runs: list, ticks: int) -> list[float]:
     return [statistics.median(spent) * 1e3 for spent in times]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2, help="frames per chunk")
     parser.add_argument("--ticks", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
