@@ -58,6 +58,7 @@ from pipecat.utils.text.base_text_aggregator import TextType
 from ..audio import StreamResampler
 from ..playout import AudioPlayedFrame, PlayedOutFrame
 from .config import LISTEN_RATE, SAMPLE_RATE
+from .session_protocol import SpeechSession
 
 FRAME_SECONDS = 0.08  # one Chroma audio frame
 # How long past the estimated end of the agent's audio a call action waits to hear it was played out
@@ -122,7 +123,7 @@ class ChromaS2SService(LLMService):
 
     def __init__(
         self,
-        session,
+        session: SpeechSession,
         *,
         context=None,
         out_rate: int = SAMPLE_RATE,
