@@ -5,7 +5,7 @@ text token. Step n >= 1 feeds the previous frame's summed code vector, and on ev
 one more thinker pair: text token t enters at step 2t. A frame whose levels 0..n-2 are all
 `codebook_eos_token_id` ends the response; an all-eos frame is not audio.
 
-Synchronous maths only; `session.py` runs these steps on the device's worker thread.
+Synchronous maths only; `scheduler.py` runs these steps on the model's scheduler thread.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class ChromaSession:
             raise ValueError(f"chunk_frames is {chunk_frames}, expected 1 to 4")
         self.voice = self._checked(voice)  # the voice of the current (or last) reply
         self._next_voice: SpeakingVoice | None = None
-        self._voice_lock = threading.Lock()  # set_voice (event loop) vs the reply's start (device thread)
+        self._voice_lock = threading.Lock()  # set_voice (event loop) vs the reply's start (scheduler thread)
         self.model = model
         self.tokenizer = tokenizer
         self.layout = ChatLayout(tokenizer)
@@ -161,7 +161,7 @@ class ChromaSession:
         self.thinker_cache = DynamicCache()
         self.thinker_position = 0
         self.pending_ids = self.layout.system(system_prompt) if system_prompt else []
-        self._pending_lock = threading.Lock()  # pending_ids: the event loop adds, the device thread takes
+        self._pending_lock = threading.Lock()  # pending_ids: the event loop adds, the scheduler thread takes
         self.tools: list[dict] = []  # the functions the thinker has been told it may call
         self._tools_key = "[]"
         self.on_tool_call: Callable[[ToolCall], None] | None = None  # called on the event loop
@@ -292,7 +292,7 @@ class ChromaSession:
         return ToolCallFilter(self._text, on_call=self._call_found, special_ids=[self.model.config.im_end_token_id])
 
     def _call_found(self, call: ToolCall) -> None:
-        # On the device thread, as soon as the call is parsed: the tool starts while the words before
+        # On the scheduler thread, as soon as the call is parsed: the tool starts while the words before
         # the call are still being spoken.
         callback, loop = self.on_tool_call, self._loop
         if callback is not None and loop is not None and not loop.is_closed():
