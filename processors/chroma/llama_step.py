@@ -16,6 +16,7 @@ Maths only: no threads, no sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -146,14 +147,13 @@ class LlamaStack:
         return self.rms_norm(x, self.final_norm)
 
 
-class KeyValueWriter:
-    """Where a step's new keys/values go, and what it attends over."""
+class KeyValueWriter(Protocol):
+    """Where a step's new keys/values go, and what it attends over (`KVPool`, `ScratchKV`)."""
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class KVPool(KeyValueWriter):
+class KVPool:
     """Keys/values for many sequences, one row each: [layers][rows, kv_heads, capacity, head_dim].
 
     Rows 0..B-1 are the sequences in the current batch (the caller keeps them packed), each at its
@@ -200,7 +200,7 @@ class KVPool(KeyValueWriter):
             v[target, :, :length] = v[source, :, :length]
 
 
-class ScratchKV(KeyValueWriter):
+class ScratchKV:
     """The depth decoder's cache: at most `capacity` positions (one frame), every row at the same length."""
 
     def __init__(self, stack: LlamaStack, rows: int, capacity: int, device, dtype):
