@@ -46,6 +46,8 @@ class FrameStep:
         self.capacity = capacity or self.backbone.max_positions
         self.device, self.dtype = model.device, model.dtype
         self.pool = KVPool(self.backbone, rows, self.capacity, self.device, self.dtype)
+        # what a row with no room this tick feeds the backbone (its output is discarded)
+        self.idle_input = torch.zeros(1, self.backbone.hidden, device=self.device, dtype=self.dtype)
         self.scratch = ScratchKV(self.decoder, rows, self.codebooks, self.device, self.dtype)
         positions = torch.arange(self.codebooks, device=self.device)[None]
         cos, sin = self.decoder.rotary(positions, self.dtype)

@@ -337,12 +337,11 @@ class FrameScheduler:
                 self._end(stream)
         # Rows are packed in `self._streams` order; a row with no room this tick rides along with a
         # dummy input whose key lands past its length (overwritten by its next real step).
-        dummy = torch.zeros(1, step.backbone.hidden, device=step.device, dtype=step.dtype)
         inputs, lengths, masks, picks, live = [], [], [], [], []
         for stream in self._streams:
             parts = planned.get(id(stream))
             live.append(parts is not None)
-            inputs.append(parts if parts is not None else dummy)
+            inputs.append(parts if parts is not None else step.idle_input)
             lengths.append(stream.length)
             masks.append(stream.prompt.mask)
             do_sample, top_k, temperature, generator = stream.steps.pick
