@@ -304,4 +304,6 @@ def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080, publ
     # Freezing them once loaded keeps full collections to the objects calls create.
     gc.collect()
     gc.freeze()
-    uvicorn.run(create_app(runtime, public_url), host=host, port=port, log_level="info")
+    app = create_app(runtime, public_url)
+    app.state.listen_host = host  # read by the access checks: loopback-only views need no token
+    uvicorn.run(app, host=host, port=port, log_level="info")
