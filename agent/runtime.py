@@ -172,6 +172,7 @@ class AgentRuntime:
         self._voices = {spec.voice: self.voice, **spec.flow_voices}
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
+        self.outbound = None  # agent.outbound.OutboundBook: the calls this agent placed, made on first use
         self.metrics.set_gauges("runtime", self._gauges)
         # Filled in by prepare(); until then a failed reply is reported but nothing plays in its place.
         self.model_error_audio = ModelErrorAudio(hang_up_after=spec.response.on_model_error.hang_up_after)
@@ -330,6 +331,7 @@ class Call:
         self.dtmf_sent: list[str] = []
         self.transferred_to: str | None = None
         self.ended_by_agent = False
+        self.placed = None  # agent.outbound.PlacedCall when the agent placed this call
         # What went wrong, one line each: a task of the call that failed (and so ended the call).
         self.errors: list[str] = []
         self._ending: asyncio.Task | None = None

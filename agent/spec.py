@@ -226,6 +226,25 @@ class SIPAuthSpec(_Section):
     algorithm: Literal["MD5", "SHA-256"] = Field("MD5", description="Digest algorithm: MD5 or SHA-256.")
 
 
+class SIPTrunkSpec(_Section):
+    """The SIP trunk that outbound calls to phone numbers go through."""
+
+    address: NonEmptyText = Field(description="The trunk's SIP address, host or host:port (UDP; default port 5060).")
+    username: Text | None = Field(None, description="User name for the trunk's digest challenge (401/407).")
+    password_env: NonEmptyText = Field(
+        "SIP_TRUNK_PASSWORD", description="Environment variable holding the trunk password (never in the agent file)."
+    )
+    caller_id: Text | None = Field(None, description="The number calls show as coming from (the From user).")
+    realm: Text | None = Field(None, description="Answer only challenges for this realm; default: any the trunk names.")
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$", value):
+            raise _problem(f"{_show(value)} is not allowed; expected host or host:port, such as sip.example.com:5060")
+        return value
+
+
 class SIPTransportSpec(_Section):
     """Any SIP trunk or PBX, over SIP and RTP."""
 
@@ -247,6 +266,7 @@ class SIPTransportSpec(_Section):
     )
     auth: SIPAuthSpec | None = Field(None, description="Digest authentication for INVITEs; off when absent.")
     max_calls: StrictInt = Field(20, ge=1, le=1000, description="Calls at once; more get 486 Busy Here.")
+    trunk: SIPTrunkSpec | None = Field(None, description="Outbound calls to phone numbers go through this trunk.")
 
     @field_validator("rtp_ports")
     @classmethod
@@ -275,6 +295,24 @@ class TransportsSpec(_Section):
     sip: SIPTransportSpec = Field(default_factory=SIPTransportSpec, description="SIP calls.")
 
 
+class OutboundSpec(_Section):
+    """Calls the agent places (`chroma-agent dial`, POST /api/calls)."""
+
+    max_calls: StrictInt = Field(5, ge=1, le=1000, description="Outbound calls at once; more are refused.")
+    per_minute: StrictInt = Field(30, ge=1, le=10000, description="Outbound calls placed per minute, at most.")
+    ring_timeout: Number = Field(30, gt=0, le=300, description="Seconds to ring before giving up (no-answer).")
+    on_machine: Literal["hang_up", "leave_message"] = Field(
+        "hang_up", description="What to do when an answering machine answers: hang up, or speak `message` after the beep."
+    )
+    message: Text = Field("", description="What the agent says to an answering machine, after its beep.")
+
+    @model_validator(mode="after")
+    def _message_when_leaving_one(self) -> OutboundSpec:
+        if self.on_machine == "leave_message" and not self.message.strip():
+            raise _problem("on_machine is leave_message but message is empty; expected the words to leave")
+        return self
+
+
 class AgentSpec(_Section):
     """One agent, as written in its agent.yaml."""
 
@@ -301,6 +339,7 @@ class AgentSpec(_Section):
     turn: TurnSpec = Field(default_factory=TurnSpec, description="End-of-turn detection.")
     response: ResponseSpec = Field(default_factory=ResponseSpec, description="Reply generation.")
     transports: TransportsSpec = Field(default_factory=TransportsSpec, description="Enabled transports.")
+    outbound: OutboundSpec = Field(default_factory=OutboundSpec, description="Calls the agent places.")
     flow: Text | None = Field(
         None,
         description="A flow file (relative to this file): nodes, tools and telephony actions the calls follow. "
