@@ -41,6 +41,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from flows.actions import E164
 from flows.file import FlowFile, load_flow
 from flows.problems import FlowFileError
 from voices.library import LibraryError, VoiceLibrary
@@ -206,6 +207,27 @@ class TwilioTransportSpec(_Section):
         "variable: agent files end up in version control.",
     )
     max_calls: StrictInt = Field(20, ge=1, le=1000, description="Calls at once; more are rejected as busy.")
+    from_number: Text | None = Field(
+        None, description="Caller ID for calls the agent places over Twilio: a Twilio number, E.164 (+15557654321)."
+    )
+    api_url: Text = Field(
+        "https://api.twilio.com",
+        description="Twilio's REST API: a regional edge (https://api.dublin.ie1.twilio.com) or a local stand-in.",
+    )
+
+    @field_validator("from_number")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is not None and not E164.match(value):
+            raise _problem(f"{_show(value)} is not allowed; expected an E.164 number such as +15557654321")
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+/?$", value):
+            raise _problem(f"{_show(value)} is not allowed; expected http(s)://host[:port] with no path")
+        return value.rstrip("/")
 
     @field_validator("public_url")
     @classmethod
