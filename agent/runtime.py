@@ -173,6 +173,7 @@ class AgentRuntime:
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
         self.outbound = None  # agent.outbound.OutboundBook: the calls this agent placed, made on first use
+        self.twilio_dial_out = None  # agent.twilio_outbound.TwilioDialOut, set by the Twilio routes
         self.metrics.set_gauges("runtime", self._gauges)
         # Filled in by prepare(); until then a failed reply is reported but nothing plays in its place.
         self.model_error_audio = ModelErrorAudio(hang_up_after=spec.response.on_model_error.hang_up_after)
