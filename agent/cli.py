@@ -5,6 +5,7 @@
     chroma-agent speak --model tiny --voice-audio ref.wav --voice-text "..." \\
         --input user.wav --output reply.wav
     chroma-agent flow check examples/flows/customer_service/flow.yaml   # exit 1 and list every problem
+    chroma-agent dial AGENT.yaml --to sip:alice@127.0.0.1:5080 --state appointment="Tue 10:00"
     chroma-agent voice add ava --audio ava.flac --transcript "..." --consent-by "Ava Smith"   # and list, check, remove
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
@@ -379,6 +380,12 @@ def _add_test(subparsers) -> None:
     declare(subparsers, UsageError)
 
 
+def _add_dial(subparsers) -> None:
+    from agent.dial_cli import declare
+
+    declare(subparsers, UsageError)
+
+
 # -- shared helpers --------------------------------------------------------------
 
 
@@ -432,7 +439,7 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test]
+SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_dial]
 
 
 def package_version() -> str:

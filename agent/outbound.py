@@ -4,7 +4,7 @@ how each call went.
     call_id = await place_call(runtime, "sip:alice@127.0.0.1:5080", state={"appointment": "Tue 10:00"})
     placed = placed_call(runtime, call_id)
     outcome = await placed.wait(timeout=120)      # "answered", "busy", "no-answer" or "failed"
-    placed.answered_by                            # "human", "machine" or None (not answered, or not known)
+    placed.answered_by                            # "human", "machine", "unknown" or None (not answered)
 
 Routes, by target: a `sip:`/`sips:` URI is dialled directly over SIP; a phone number goes out through
 the SIP trunk when `transports.sip.trunk` is configured, else over Twilio's REST API.
@@ -29,11 +29,16 @@ from typing import TYPE_CHECKING, Literal
 
 from loguru import logger
 
+from processors.answering import Answered, AnsweringGate, Beep
+from processors.vad import make_vad_analyzer
+
+from .call_control import PipelineCallControl
+
 if TYPE_CHECKING:
     from .runtime import AgentRuntime, Call
 
 Outcome = Literal["answered", "busy", "no-answer", "failed"]
-AnsweredBy = Literal["human", "machine"]
+AnsweredBy = Literal["human", "machine", "unknown"]  # unknown: nothing said after the answer
 Route = Literal["sip", "trunk", "twilio"]
 OUTCOMES: tuple[str, ...] = ("answered", "busy", "no-answer", "failed")
 
@@ -41,6 +46,9 @@ OUTCOMES: tuple[str, ...] = ("answered", "busy", "no-answer", "failed")
 PHONE_NUMBER = re.compile(r"^\+?[0-9][0-9 ().-]{2,30}$")
 PER_MINUTE_WINDOW = 60.0
 KEEP_FINISHED = 200  # ended calls kept for lookups (the HTTP API, tests)
+# A machine whose beep we never hear (some have none, some beep outside the band): leave the message
+# this long after deciding it is a machine, when its greeting has surely ended.
+NO_BEEP_SECS = 12.0
 
 _ids = itertools.count(1)
 
@@ -202,7 +210,7 @@ def route_for(runtime: AgentRuntime, to: str) -> Route:
 
 def _dialer(route: Route) -> Dialer:
     if route in ("sip", "trunk"):
-        from transports.sip.outbound import sip_outbound
+        from transports.sip.calls import sip_outbound
 
         return sip_outbound
     from .twilio_outbound import twilio_outbound
@@ -279,3 +287,64 @@ def parse_state(pairs: list[str]) -> dict[str, str]:
             raise OutboundError(f"--state {item!r} is not key=value")
         state[key.strip()] = value
     return state
+
+
+# Who answered: what the agent does about it --------------------------------------------------------
+
+
+def answering_screen(runtime: AgentRuntime, placed: PlacedCall) -> AnsweringGate:
+    """The gate for a call whose callee speaks first: our own answering-machine detection on the
+    callee's audio (with the call's VAD settings), its decision and the beep noted as the call's
+    events, and `outbound.on_machine` carried out on a machine."""
+    vad_spec = runtime.spec.vad
+    vad = make_vad_analyzer(
+        vad_spec.analyzer,
+        aggressiveness=vad_spec.aggressiveness,
+        frame_ms=vad_spec.frame_ms,
+        confidence=vad_spec.confidence,
+        start_secs=vad_spec.start_secs,
+        stop_secs=vad_spec.stop_secs,
+        min_volume=vad_spec.min_volume,
+    )
+    waiting: dict[str, asyncio.Task] = {}
+
+    async def on_event(event: Answered | Beep) -> None:
+        if isinstance(event, Answered):
+            placed.classified(event.by, after_secs=event.at, greeting_secs=event.greeting_secs, reason=event.reason)
+            if event.by == "machine":
+                if runtime.spec.outbound.on_machine == "hang_up":
+                    await machine_answered(runtime, placed)
+                else:
+                    waiting["no_beep"] = asyncio.create_task(_message_without_beep(runtime, placed))
+        else:
+            placed.note("beep", at=event.at, hz=event.hz, secs=event.secs)
+            if placed.answered_by == "machine" and "no_beep" in waiting:
+                waiting.pop("no_beep").cancel()
+                await machine_answered(runtime, placed)
+
+    return AnsweringGate(vad, on_event, name=f"answering-{placed.id}")
+
+
+async def _message_without_beep(runtime: AgentRuntime, placed: PlacedCall) -> None:
+    await asyncio.sleep(NO_BEEP_SECS)
+    if not placed.done:
+        placed.note("no_beep", waited_secs=NO_BEEP_SECS)
+        await machine_answered(runtime, placed)
+
+
+async def machine_answered(runtime: AgentRuntime, placed: PlacedCall) -> None:
+    """A machine answered (after its beep, when leaving a message): hang up, or speak
+    `outbound.message` and then hang up, as `outbound.on_machine` says. Twilio's detection calls it too."""
+    call = placed.call
+    if call is None or placed.done:
+        return
+    control = PipelineCallControl(call)
+    if runtime.spec.outbound.on_machine == "leave_message":
+        placed.note("leaving_message", text=runtime.spec.outbound.message)
+        await control.say(runtime.spec.outbound.message)
+        await control.hang_up(after_current_sentence=True)
+    else:
+        placed.note("hanging_up_on_machine")
+        call.ended_by_agent = True
+        call.note("agent_hung_up")
+        await call.hang_up()

@@ -34,6 +34,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.utils.asyncio.task_manager import TaskManager
 from pipecat.workers.runner import WorkerRunner
@@ -304,22 +305,33 @@ class AgentRuntime:
         call_id: str | None = None,
         out_rate: int | None = None,
         in_rate: int | None = None,
+        screen: FrameProcessor | None = None,
     ):
         """`in_rate`: the rate the pipeline listens at. Phone transports pass 8000: VAD and Smart Turn
         work at 8 kHz, and a streaming 8 -> 16 kHz resampler in front of the VAD would hold back
         64 ms on average (118 ms at worst) of every caller's speech, delaying barge-in and end of turn.
-        The service resamples each finished turn to the engine's 16 kHz instead."""
+        The service resamples each finished turn to the engine's 16 kHz instead.
+
+        `screen`: a processor right after the transport's input that decides what of the callee's
+        audio the agent hears (an outbound call's answering-machine gate)."""
         if in_rate not in (None, 8000, LISTEN_RATE):
             raise ValueError(f"in_rate is {in_rate}, expected 8000 or {LISTEN_RATE} (the VAD's rates)")
         call_id = call_id or f"{kind}-{next(_call_ids)}"
-        call = Call(self, transport, kind, call_id, out_rate or SAMPLE_RATE, in_rate or LISTEN_RATE)
+        call = Call(self, transport, kind, call_id, out_rate or SAMPLE_RATE, in_rate or LISTEN_RATE, screen)
         self.calls[call_id] = call
         return call
 
 
 class Call:
     def __init__(
-        self, runtime: AgentRuntime, transport: BaseTransport, kind: str, call_id: str, out_rate: int, in_rate: int
+        self,
+        runtime: AgentRuntime,
+        transport: BaseTransport,
+        kind: str,
+        call_id: str,
+        out_rate: int,
+        in_rate: int,
+        screen: FrameProcessor | None = None,
     ):
         spec = runtime.spec
         self.runtime = runtime
@@ -374,6 +386,7 @@ class Call:
         pipeline = Pipeline(
             [
                 transport.input(),
+                *([screen] if screen is not None else []),
                 *([DTMFInput(self.flow.digits)] if self.flow is not None else []),
                 self.aggregators.user(),
                 self.service,

@@ -20,19 +20,23 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
 from loguru import logger
 
+from agent.outbound import OutboundError, PlacedCall, answering_screen
 from agent.runtime import AgentRuntime, Call
 from agent.spec import SIPTransportSpec
 
 from .auth import AllowList, DigestAuthenticator
 from .dialog import CallRejected, Dialog
+from .outbound import Credentials, DialFailed, SipOutboundCall, offer_sdp
 from .rtp import NoFreePort, PortPool, RtpSession
-from .sdp import Answer, negotiate
+from .sdp import Answer, SdpError, negotiate
 from .server import SipServer
+from .transaction import SIP_DEFAULT_PORT
 from .transport import SIP_RATE, SipCallTransport
 from .values import SipParseError, SipUri
 
@@ -270,3 +274,118 @@ def _caller_number(dialog: Dialog) -> str:
         return SipUri.parse(str(dialog.invite.from_.uri)).user or ""
     except SipParseError:
         return ""
+
+
+# Outbound: the SIP route of agent.outbound.place_call ------------------------------------------------
+
+# One pool per RTP range for the calls this process places (inbound calls have the server's own pool:
+# a port either holds is skipped by the other, RtpSession.open moves on).
+_outbound_pools: dict[tuple[str, int, int], PortPool] = {}
+
+
+async def sip_outbound(runtime: AgentRuntime, placed: PlacedCall) -> None:
+    """Dial `placed.to` (a SIP URI directly, a number through `transports.sip.trunk`), run the agent on
+    the answered call with the answering-machine gate in front, and hang up (or take the callee's BYE).
+    The outcome goes to `placed`; returns when the call is over."""
+    spec = runtime.spec.transports.sip
+    target, hop, from_user, from_host, credentials = _outbound_target(spec, placed)
+    local_ip = spec.public_address or spec.host
+    dialog = SipOutboundCall(
+        target,
+        local_host=spec.host,
+        contact_host=local_ip,
+        next_hop=hop,
+        from_user=from_user,
+        from_host=from_host,
+        credentials=credentials,
+        on_progress=lambda status, reason: placed.note("ringing" if status == 180 else "progress", status=status),
+    )
+    key = (spec.host, *spec.rtp_ports)
+    pool = _outbound_pools.setdefault(key, PortPool(*key))
+    session: RtpSession | None = None
+    try:
+        await dialog.open()
+        session = await RtpSession.open(pool, name=placed.id)
+        placed.note("sip_invite", call_id=dialog.call_id, target=str(target))
+        answer_sdp = await dialog.dial(
+            offer_sdp(local_ip, session.port, tuple(spec.codecs)), runtime.spec.outbound.ring_timeout
+        )
+        try:
+            answer = negotiate(answer_sdp, local_ip=local_ip, local_port=session.port, codecs=tuple(spec.codecs))
+        except SdpError as exc:
+            placed.finish("failed", f"the callee's SDP answer cannot be used: {exc}")
+            return
+        session.configure(answer)
+        transport = SipCallTransport(session, name=f"sip-{placed.id}", transfer=None)
+        call = runtime.new_call(
+            transport,
+            kind="sip",
+            call_id=placed.id,
+            in_rate=SIP_RATE,
+            out_rate=SIP_RATE,
+            screen=answering_screen(runtime, placed),
+        )
+        placed.attach(call)
+        session.start()
+        await _run_placed(call, dialog, session)
+        placed.finish("answered", "the callee hung up" if dialog.ended.is_set() and not call.ended_by_agent else "")
+    except DialFailed as exc:
+        placed.finish(exc.outcome, f"SIP {exc.status or '-'} {exc.reason}")
+    except NoFreePort as exc:
+        placed.finish("failed", str(exc))
+    finally:
+        await dialog.hang_up()
+        if session is not None:
+            session.close()
+
+
+async def _run_placed(call: Call, dialog: SipOutboundCall, session: RtpSession) -> None:
+    """The call runs until the agent ends it, the callee sends BYE, or RTP stops coming."""
+    running = asyncio.create_task(call.run(), name=f"call-{call.stats.call_id}")
+    peer_bye = asyncio.create_task(dialog.ended.wait())
+    try:
+        while not running.done():
+            await asyncio.wait({running, peer_bye}, timeout=WATCH_INTERVAL_SECS, return_when=asyncio.FIRST_COMPLETED)
+            if peer_bye.done() and not running.done():
+                await call.cancel("SIP BYE")
+                break
+            if session.idle_seconds >= RTP_TIMEOUT_SECS and not running.done():
+                logger.warning(f"call {call.stats.call_id}: no RTP for {RTP_TIMEOUT_SECS:.0f} s, hanging up")
+                await call.cancel("no RTP")
+                break
+        await asyncio.wait_for(asyncio.shield(running), CLOSE_GRACE_SECS)
+    except TimeoutError:
+        running.cancel()
+    finally:
+        peer_bye.cancel()
+    if not dialog.ended.is_set():
+        await session.drain(DRAIN_SECS)  # the agent's last words go out before its BYE
+
+
+def _outbound_target(spec: SIPTransportSpec, placed: PlacedCall):
+    """(Request-URI, next hop or None, From user, From host or None, credentials or None) for `placed.to`."""
+    if placed.route == "sip":
+        try:
+            target = SipUri.parse(placed.to)
+        except SipParseError as exc:
+            raise OutboundError(f"--to {placed.to!r} is not a SIP URI: {exc}") from None
+        if target.secure:
+            raise OutboundError(f"--to {placed.to!r}: sips: needs TLS, and calls go out over UDP; use sip:")
+        return target, None, placed.from_ or "agent", None, None
+    trunk = spec.trunk
+    if trunk is None:
+        raise OutboundError("transports.sip.trunk is not configured; a number cannot be dialled over SIP")
+    trunk_uri = SipUri.parse(f"sip:{trunk.address}")  # checked as host[:port] when the agent file loaded
+    host, port = trunk_uri.host, trunk_uri.port or SIP_DEFAULT_PORT
+    number = re.sub(r"[ ().-]", "", placed.to)
+    credentials = None
+    if trunk.username:
+        password = os.environ.get(trunk.password_env)
+        if not password:
+            raise OutboundError(
+                f"transports.sip.trunk: the environment variable {trunk.password_env} holding the password for "
+                f"{trunk.username!r} is not set"
+            )
+        credentials = Credentials(trunk.username, password, trunk.realm)
+    from_user = re.sub(r"[ ().-]", "", placed.from_ or trunk.caller_id or "agent")
+    return SipUri(host=host, user=number, port=port), (host, port), from_user, trunk.address, credentials
