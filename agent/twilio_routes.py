@@ -5,6 +5,10 @@
 POST /twilio/voice answers a signed webhook with `<Connect><Stream>` to wss://<public>/twilio/media
 (or `<Reject reason="busy"/>` at max_calls); WS /twilio/media checks the upgrade's signature and the
 per-call token from `start`, then runs the call's pipeline until either side hangs up.
+
+Calls the agent places (agent/twilio_outbound.py) stream through the same socket; their status
+callbacks (POST /twilio/outbound/status) and answering-machine verdicts (POST /twilio/outbound/amd)
+are checked for Twilio's signature like the webhook and recorded on the placed call.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from transports.twilio_webhook import StreamTokens, connect_twiml, public_url, v
 from transports.twilio_wire import SAMPLE_RATE, Start, Stop, TwilioStreamState
 
 from .runtime import AgentRuntime, busy_label
+from .twilio_outbound import TwilioDialOut
 
 START_TIMEOUT_SECS = 10  # Twilio sends `connected` and `start` right after the upgrade
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook's form is a few hundred bytes
 TWIML = "application/xml"
+DEFAULT_API_URL = "https://api.twilio.com"
 
 
 class TwilioConfigError(ValueError):
@@ -67,6 +73,13 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
     stream_url = public_url(f"wss://{parts.netloc}{parts.path}", "/twilio/media")
     agent = runtime.spec.name.replace("|", "/")  # "|" separates the fields a stream token signs
     tokens = StreamTokens(secrets.token_bytes(32))
+    if rest_client is None and account_sid and spec.api_url != DEFAULT_API_URL:
+        rest_client = _rest_client(spec.api_url, account_sid, auth_token)
+    dial_out = None
+    if account_sid:
+        dial_out = runtime.twilio_dial_out = TwilioDialOut(
+            runtime, account_sid=account_sid, auth_token=auth_token, public_base=base, stream_url=stream_url, agent=agent
+        )
     router = APIRouter()
 
     @router.post("/twilio/voice")
@@ -118,8 +131,14 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
         if start is None:
             return
         params = start.custom_parameters
+        # A call the agent placed: its token was issued for our id of the call, not the call SID.
+        leg = dial_out.leg_for_stream(start.call_sid) if dial_out is not None else None
         # redeem: a token opens one stream, once; a replay within its lifetime is refused like a forgery
-        if params.get("agent") != agent or not tokens.redeem(params.get("token"), start.call_sid, agent):
+        if params.get("agent") != agent or not (
+            dial_out.redeem(leg, params.get("token"))
+            if leg is not None
+            else tokens.redeem(params.get("token"), start.call_sid, agent)
+        ):
             runtime.metrics.dropped("twilio_bad_token")
             logger.warning(f"Twilio call {start.call_sid}: stream refused, its token does not check")
             await ws.close(code=1008)
@@ -128,8 +147,9 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             runtime.metrics.dropped("twilio_duplicate_call")
             await ws.close(code=1008)
             return
-        # The webhook said yes, but others may have got in since: never a call beyond capacity.
-        if runtime.active_calls("twilio") >= spec.max_calls or runtime.busy_reason() is not None:
+        # The webhook said yes, but others may have got in since: never a call beyond capacity. A placed
+        # call holds its session from the moment it was dialled.
+        if leg is None and (runtime.active_calls("twilio") >= spec.max_calls or runtime.busy_reason() is not None):
             runtime.metrics.dropped("twilio_busy")
             await ws.close(code=1013)
             return
@@ -143,10 +163,17 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             name=f"twilio-{start.call_sid}",
         )
         call = runtime.new_call(
-            transport, kind="twilio", call_id=start.call_sid, in_rate=SAMPLE_RATE, out_rate=SAMPLE_RATE
+            transport,
+            kind="twilio",
+            call_id=start.call_sid,
+            in_rate=SAMPLE_RATE,
+            out_rate=SAMPLE_RATE,
+            screen=dial_out.screen(leg) if leg is not None else None,  # who answered: Twilio's verdict
         )
-
-        call.flow_state["caller_number"] = params.get("caller", "")[:64]
+        if leg is not None:
+            dial_out.started(leg, call)  # the flow starts with the values the call was placed with
+        else:
+            call.flow_state["caller_number"] = params.get("caller", "")[:64]
 
         @transport.event_handler("on_client_disconnected")
         async def _caller_left(_transport, _ws):
@@ -154,6 +181,36 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             await call.cancel("caller left")
 
         await call.run()
+
+    async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
+        """The callback's form when Twilio signed it (over the public URL with its query), else None."""
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            return None
+        form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        url = public_url(base, path, request.url.query)
+        if not verify_signature(auth_token, url, form, request.headers.get("x-twilio-signature")):
+            runtime.metrics.dropped("twilio_bad_signature")
+            return None
+        return form
+
+    @router.post("/twilio/outbound/status")
+    async def outbound_status(request: Request) -> Response:
+        form = await _signed_form(request, "/twilio/outbound/status")
+        if form is None:
+            return Response(status_code=403)
+        if dial_out is None or not dial_out.status(request.query_params.get("placed"), form):
+            logger.info(f"Twilio status {form.get('CallStatus')!r} for a call not placed here (or over): ignored")
+        return Response(status_code=204)
+
+    @router.post("/twilio/outbound/amd")
+    async def outbound_amd(request: Request) -> Response:
+        form = await _signed_form(request, "/twilio/outbound/amd")
+        if form is None:
+            return Response(status_code=403)
+        if dial_out is None or not dial_out.amd(request.query_params.get("placed"), form):
+            logger.info(f"Twilio AnsweredBy {form.get('AnsweredBy')!r} for a call not placed here (or over): ignored")
+        return Response(status_code=204)
 
     async def _read_start(ws: WebSocket, state: TwilioStreamState) -> Start | None:
         """Messages up to `start` (normally just `connected`); None if it never came."""
@@ -180,3 +237,16 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
 
     logger.info(f"Twilio calls: voice webhook {voice_url}, media stream {stream_url}")
     return router
+
+
+def _rest_client(api_url: str, account_sid: str, auth_token: str):
+    """A ``twilio.rest.Client`` whose requests go to ``api_url`` (a regional edge, a local stand-in)
+    instead of api.twilio.com, for hang-up and transfer."""
+    from twilio.http.http_client import TwilioHttpClient
+    from twilio.rest import Client
+
+    class _At(TwilioHttpClient):
+        def request(self, method, url, *args, **kwargs):
+            return super().request(method, url.replace(DEFAULT_API_URL, api_url, 1), *args, **kwargs)
+
+    return Client(account_sid, auth_token, http_client=_At())
