@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
@@ -28,11 +28,24 @@ from pipecat.frames.frames import InputDTMFFrame
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
+from flows.actions import E164, SIP_URI
 from processors.chroma.config import LISTEN_RATE
 from transports.sip.calls import sip_server
 
+from .access import require_admin
+from .outbound import OutboundError, OutboundRefused, place_call, route_for
 from .runtime import STAND_IN_NOTICE, AgentRuntime, Call, busy_label
 
 PAGE = Path(__file__).parent / "web" / "index.html"
@@ -56,6 +69,43 @@ class Offer(BaseModel):
     sdp: str = Field(min_length=1, description="The SDP offer, with its ICE candidates gathered.")
     type: Literal["offer"] = Field(description="Always 'offer'.")
     pc_id: str | None = Field(None, description="Renegotiation is not supported; leave it out.")
+
+
+MAX_STATE_KEYS = 50
+MAX_STATE_TEXT = 1000
+
+
+class CallRequest(BaseModel):
+    """POST /api/calls: a call for the agent to place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: StrictStr = Field(description="Whom to call: an E.164 number (+15551234567) or a SIP URI (sip:alice@host:5080).")
+    from_: StrictStr | None = Field(
+        None, alias="from", description="Caller ID (E.164 or SIP URI); default: the route's configured one."
+    )
+    state: dict[StrictStr, StrictStr | StrictInt | StrictFloat | StrictBool | None] = Field(
+        default_factory=dict, description="Values the call's flow starts with, e.g. the appointment to confirm."
+    )
+
+    @field_validator("to", "from_")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not (E164.match(value) or SIP_URI.match(value)):
+            raise ValueError("expected an E.164 number such as +15551234567 or a SIP URI such as sip:alice@host")
+        return value
+
+    @field_validator("state")
+    @classmethod
+    def _small(cls, value: dict) -> dict:
+        if len(value) > MAX_STATE_KEYS:
+            raise ValueError(f"{len(value)} keys; expected at most {MAX_STATE_KEYS}")
+        for key, item in value.items():
+            if not key.strip() or len(key) > 64:
+                raise ValueError(f"key {key[:70]!r}: expected 1 to 64 characters")
+            if isinstance(item, str) and len(item) > MAX_STATE_TEXT:
+                raise ValueError(f"{key}: {len(item)} characters; expected at most {MAX_STATE_TEXT}")
+        return value
 
 
 def _bad_body(error: ValidationError) -> str:
@@ -267,6 +317,40 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
         if (busy := runtime.busy_reason()) is not None:
             raise Busy(busy)
         return await calls.start(parsed)
+
+    @app.post("/api/calls", status_code=201, dependencies=[Depends(require_admin)], response_model=None)
+    async def place(request: Request) -> JSONResponse:
+        """Place a call with the agent on it: 201 {id} while it rings (400 for a bad body, 429 at an
+        outbound limit, 503 when the agent is busy or the route is not set up)."""
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPException(400, f"body: expected a JSON object {{to, from?, state?}}, could not parse it ({e})") from e
+        if not isinstance(body, dict):
+            raise HTTPException(400, f"body: expected a JSON object {{to, from?, state?}}, got {type(body).__name__}")
+        try:
+            parsed = CallRequest.model_validate(body)
+        except ValidationError as e:
+            raise HTTPException(400, _bad_body(e)) from e
+        try:
+            route = route_for(runtime, parsed.to)
+        except OutboundError as e:
+            raise HTTPException(400, f"to: {e}") from e
+        try:
+            if route == "twilio":
+                from .twilio_outbound import check_twilio_call
+
+                check_twilio_call(runtime, parsed.from_)
+            call_id = await place_call(runtime, parsed.to, parsed.from_, parsed.state)
+        except OutboundRefused as e:
+            # An outbound limit: try later. The agent's capacity: the same busy as for inbound calls.
+            if e.reason.startswith("outbound limit"):
+                logger.warning(f"outbound call to {parsed.to} refused: {e.reason}")
+                return JSONResponse({"error": e.reason, "reason": e.reason}, status_code=429, headers={"Retry-After": "10"})
+            return busy_response(runtime, "outbound", e.reason)
+        except OutboundError as e:
+            raise HTTPException(503, str(e)) from e
+        return JSONResponse({"id": call_id}, status_code=201)
 
     @app.get("/healthz")
     async def healthz() -> dict:
