@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADState
-from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
+from pipecat.frames.frames import Frame, InputAudioRawFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 # Greetings. Measured through webrtcvad on espeak-ng recordings (tests/fixtures/answering): "Hello?"
@@ -174,8 +174,6 @@ class AnsweringGate(FrameProcessor):
         if isinstance(frame, InputAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
             await self._listen(frame)
             return
-        if isinstance(frame, StartFrame):
-            self._vad.set_sample_rate(frame.audio_in_sample_rate)
         await self.push_frame(frame, direction)
 
     async def _listen(self, frame: InputAudioRawFrame) -> None:
@@ -184,6 +182,7 @@ class AnsweringGate(FrameProcessor):
             return
         if self._detector is None:
             self._detector = AnsweringDetector(frame.sample_rate)
+            self._vad.set_sample_rate(frame.sample_rate)
         state = await self._vad.analyze_audio(frame.audio)
         speech = state in (VADState.STARTING, VADState.SPEAKING)
         decided = self._detector.decision is not None
