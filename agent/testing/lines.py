@@ -482,3 +482,6 @@ class WebRTCLine(Line):
 
 LINES = {"inprocess": InProcessLine, "twilio": TwilioLine, "sip": SipLine, "webrtc": WebRTCLine}
 
+# "sip-outbound": the agent places the call to a scripted callee (callee.py adds its line to LINES).
+from . import callee  # noqa: E402, F401
+
