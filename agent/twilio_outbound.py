@@ -58,7 +58,7 @@ HOLD_SECS = 6.0
 
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
 FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
-# AMD's AnsweredBy values, as the call's outcome records them; "unknown" decides nothing.
+# AMD's AnsweredBy values, as the call's outcome records them.
 ANSWERED_BY = {
     "human": "human",
     "machine_start": "machine",
@@ -66,7 +66,7 @@ ANSWERED_BY = {
     "machine_end_silence": "machine",
     "machine_end_other": "machine",
     "fax": "machine",
-    "unknown": None,
+    "unknown": "unknown",  # nothing Twilio could tell (silence, say): the agent hears the callee
 }
 _CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 _QUOTED_FIELD = re.compile(r"'([A-Z][A-Za-z]+)'")  # Twilio's messages quote the parameter at fault
@@ -243,6 +243,8 @@ class TwilioDialOut:
         return leg
 
     def created(self, leg: TwilioLeg, call_sid: str) -> None:
+        if leg.call_sid is not None:
+            return
         leg.call_sid = call_sid
         self._by_sid[call_sid] = leg
         leg.placed.note("created", call_sid=call_sid)
@@ -254,9 +256,14 @@ class TwilioDialOut:
 
     def _leg(self, placed_id: str | None, form: dict[str, str]) -> TwilioLeg | None:
         leg = self.legs.get(placed_id or "")
-        if leg is None or form.get("CallSid") != leg.call_sid:
+        if leg is None:
             return None
-        return leg
+        call_sid = form.get("CallSid", "")
+        if leg.call_sid is None and _CALL_SID.fullmatch(call_sid):
+            # Twilio's first callback can overtake its answer to the create request; the signed URL
+            # names our call, so its SID is this call's.
+            self.created(leg, call_sid)
+        return leg if call_sid == leg.call_sid else None
 
     def status(self, placed_id: str | None, form: dict[str, str]) -> bool:
         """A status callback (already checked for Twilio's signature); False for a call not ours or over."""
@@ -264,6 +271,8 @@ class TwilioDialOut:
         if leg is None:
             return False
         status = form.get("CallStatus", "")[:32]
+        if leg.final.is_set():  # a straggler after the call's end changes nothing
+            return True
         leg.status = status
         if status == "ringing":
             leg.placed.note("ringing", via="twilio")

@@ -218,6 +218,7 @@ class TwilioRest:
     async def _drive(self, call: CloudCall) -> None:
         callee, sequence = call.callee, [0]
         try:
+            await asyncio.sleep(0.05)  # the create request's answer is on its way first
             await self._status(call, "initiated", "initiated", sequence)
             await self._status(call, "ringing", "ringing", sequence)
             ring = asyncio.create_task(call._hang_up.wait())

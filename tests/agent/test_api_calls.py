@@ -10,7 +10,7 @@ from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
 from agent.testing.twilio_rest import Callee
-from tests.agent.test_twilio_outbound import CALLEE, PUBLIC, TOKEN, agent_file, twilio_line
+from tests.agent.test_twilio_outbound import CALLEE, PUBLIC, TOKEN, agent_file, runtime_for, twilio_line
 
 ADMIN = "admin-secret-token"
 
@@ -31,7 +31,7 @@ def bearer(token: str = ADMIN) -> dict:
 
 def offline_runtime(tmp_path, tiny_model, **kw) -> AgentRuntime:
     """Twilio set up against an API nobody listens on: for requests refused before any dialling."""
-    return AgentRuntime(load_agent(agent_file(tmp_path, "http://127.0.0.1:9", **kw)), model=tiny_model)
+    return runtime_for(tmp_path, tiny_model, "http://127.0.0.1:9", **kw)
 
 
 async def test_placing_a_call_needs_the_admin_token(tmp_path, tiny_model, monkeypatch):

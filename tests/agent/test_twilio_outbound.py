@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from twilio.request_validator import RequestValidator
 
-from agent.outbound import OutboundError, place_call, placed_call
+from agent.outbound import OutboundError, PlacedCall, place_call, placed_call
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
@@ -55,11 +55,19 @@ def agent_file(tmp_path, api_url: str, *, outbound: str = "{}", twilio: str = ""
     return path
 
 
+def runtime_for(tmp_path, tiny_model, api_url: str, **kw) -> AgentRuntime:
+    runtime = AgentRuntime(load_agent(agent_file(tmp_path, api_url, **kw)), model=tiny_model)
+    # These tests are about Twilio's side of a call. On a shared, loaded CPU the engine's own verdict
+    # (behind real time: refuse new calls) would refuse them at random; capacity has its own tests.
+    runtime.engine_status = None
+    return runtime
+
+
 @contextlib.asynccontextmanager
 async def twilio_line(tmp_path, tiny_model, **kw):
     """The agent's server and Twilio's stand-in, each pointing at the other."""
     async with TwilioRest.running(ACCOUNT, TOKEN) as cloud:
-        runtime = AgentRuntime(load_agent(agent_file(tmp_path, cloud.url, **kw)), model=tiny_model)
+        runtime = runtime_for(tmp_path, tiny_model, cloud.url, **kw)
         async with serving(create_app(runtime, public_url=PUBLIC)) as host:
             cloud.server = host
             yield runtime, cloud, host
@@ -270,7 +278,7 @@ async def test_twilio_refusing_the_call_is_a_clear_error_naming_the_field(tmp_pa
 
 async def test_wrong_credentials_say_which_settings_to_check(tmp_path, tiny_model):
     async with TwilioRest.running(ACCOUNT, "e" * 32) as cloud:  # Twilio knows another auth token
-        runtime = AgentRuntime(load_agent(agent_file(tmp_path, cloud.url)), model=tiny_model)
+        runtime = runtime_for(tmp_path, tiny_model, cloud.url)
         async with serving(create_app(runtime, public_url=PUBLIC)) as host:
             cloud.server = host
             placed = await place(runtime)
@@ -279,7 +287,7 @@ async def test_wrong_credentials_say_which_settings_to_check(tmp_path, tiny_mode
 
 
 async def test_an_unreachable_api_is_a_clear_error(tmp_path, tiny_model):
-    runtime = AgentRuntime(load_agent(agent_file(tmp_path, "http://127.0.0.1:9")), model=tiny_model)
+    runtime = runtime_for(tmp_path, tiny_model, "http://127.0.0.1:9")
     create_app(runtime, public_url=PUBLIC)  # sets up the Twilio routes
     placed = await place(runtime)
     assert await placed.wait(timeout=15) == "failed"
@@ -296,3 +304,19 @@ def test_without_a_caller_id_or_account_the_call_is_refused_before_dialling(tmp_
     off = AgentRuntime(load_agent(agent_file(tmp_path, "", twilio="{enabled: false}")), model=tiny_model)
     with pytest.raises(OutboundError, match=r"transports\.twilio\.enabled: true"):
         check_twilio_call(off, CALLER_ID)
+
+
+async def test_twilios_first_callback_may_overtake_its_answer_to_the_create_request(tmp_path, tiny_model):
+    runtime = runtime_for(tmp_path, tiny_model, "http://127.0.0.1:9")
+    create_app(runtime, public_url=PUBLIC)
+    dial_out = runtime.twilio_dial_out
+    placed = PlacedCall("out-test", CALLEE, "twilio")
+    leg = dial_out.open(placed)
+    sid = "CA" + "1" * 32
+    assert dial_out.status(placed.id, {"CallSid": sid, "CallStatus": "initiated"})  # before create() returned
+    assert leg.call_sid == sid and dial_out.leg_for_stream(sid) is leg
+    assert not dial_out.status(placed.id, {"CallSid": "CA" + "2" * 32, "CallStatus": "busy"})  # another call's
+    assert dial_out.amd(placed.id, {"CallSid": sid, "AnsweredBy": "unknown"})
+    assert placed.answered_by == "unknown" and not leg.final.is_set()
+    assert dial_out.status(placed.id, {"CallSid": sid, "CallStatus": "no-answer"}) and leg.final.is_set()
+    assert dial_out.status(placed.id, {"CallSid": sid, "CallStatus": "ringing"}) and leg.status == "no-answer"
