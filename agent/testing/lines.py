@@ -482,6 +482,7 @@ class WebRTCLine(Line):
 
 LINES = {"inprocess": InProcessLine, "twilio": TwilioLine, "sip": SipLine, "webrtc": WebRTCLine}
 
-# "sip-outbound": the agent places the call to a scripted callee (callee.py adds its line to LINES).
-from . import callee  # noqa: E402, F401
+# "sip-outbound": the agent places the call to a scripted callee (callee.py adds its line to LINES);
+# "twilio-outbound": the agent places the call over Twilio's REST stand-in (twilio_rest.py adds it).
+from . import callee, twilio_rest  # noqa: E402, F401
 

@@ -38,11 +38,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from twilio.request_validator import RequestValidator
 
-from .lines import serving
+from .lines import LINES, TwilioLine, _switched_on, serving
 from .twilio_caller import Timeline, TwilioCaller
 
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 SIP_RESPONSE = {"busy": "486", "no-answer": "487", "failed": "404"}
+ANSWER_TIMEOUT_SECS = 20.0
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Callee:
     ``invalid``: Twilio refuses the create request (400, error 21211). Once answered, the callee says
     ``audio`` (int16, 8 kHz) from ``audio_at`` seconds and stays on for ``seconds``; ``script`` (given the
     live TwilioCaller) runs alongside, to say, press and hang up as the call goes. ``answered_by`` is
-    what Twilio's machine detection reports, ``amd_secs`` after pickup, when the call asked for it.
+    what Twilio's machine detection reports, ``amd_secs`` after pickup, when the call asked for it
+    (``amd_secs`` None: only when `TwilioRest.report_amd` is called).
     """
 
     pickup: Literal["answer", "busy", "no-answer", "failed", "invalid"] = "answer"
@@ -63,7 +65,7 @@ class Callee:
     seconds: float = 6.0
     script: Callable[[TwilioCaller], Awaitable[None]] | None = None
     answered_by: str = "human"
-    amd_secs: float = 1.0
+    amd_secs: float | None = 1.0
 
 
 @dataclass(eq=False)
@@ -253,8 +255,8 @@ class TwilioRest:
         )
         callee = call.callee
         helpers = []
-        if call.one("MachineDetection") in ("Enable", "DetectMessageEnd") and call.one("AsyncAmd") == "true":
-            helpers.append(asyncio.create_task(self._amd(call)))
+        if callee.amd_secs is not None:
+            helpers.append(asyncio.create_task(self._amd(call, callee.amd_secs)))
         if callee.script is not None:
             helpers.append(asyncio.create_task(self._script(caller, callee.script)))
         helpers.append(asyncio.create_task(self._hang_up_when_asked(call)))
@@ -265,9 +267,15 @@ class TwilioRest:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
 
-    async def _amd(self, call: CloudCall) -> None:
-        await asyncio.sleep(call.callee.amd_secs)
-        fields = {"AnsweredBy": call.callee.answered_by, "MachineDetectionDuration": str(round(call.callee.amd_secs * 1000))}
+    async def _amd(self, call: CloudCall, after_secs: float) -> None:
+        await asyncio.sleep(after_secs)
+        await self.report_amd(call, call.callee.answered_by, after_secs)
+
+    async def report_amd(self, call: CloudCall, answered_by: str, after_secs: float) -> None:
+        """Post machine detection's verdict, if the call asked for it (MachineDetection with AsyncAmd)."""
+        if call.one("MachineDetection") not in ("Enable", "DetectMessageEnd") or call.one("AsyncAmd") != "true":
+            return
+        fields = {"AnsweredBy": answered_by, "MachineDetectionDuration": str(round(after_secs * 1000))}
         await self._post(call, call.one("AsyncAmdStatusCallback"), fields)
 
     async def _script(self, caller: TwilioCaller, script: Callable[[TwilioCaller], Awaitable[None]]) -> None:
@@ -278,3 +286,91 @@ class TwilioRest:
     async def _hang_up_when_asked(self, call: CloudCall) -> None:
         await call._hang_up.wait()
         call.caller.hang_up()
+
+
+# The conversation-test line -------------------------------------------------------------------------
+
+
+class OutboundTwilioLine(TwilioLine):
+    """The agent calls over Twilio: it places the call (agent.outbound.place_call) through the REST
+    stand-in, whose callee answers; the scenario's turns are what the callee says. Twilio's machine
+    detection says "human" once the callee's first words are followed by its speech-end silence, as
+    Twilio's does. `placed` is the placed call, its outcome and who answered."""
+
+    transport = "twilio-outbound"
+    CALLEE = "+15550100000"
+    CALLER_ID = "+15550109999"
+    SPEECH_END_SECS = 1.2  # Twilio's MachineDetectionSpeechEndThreshold default
+
+    @classmethod
+    def adapt(cls, spec):
+        return _switched_on(
+            spec, "twilio", auth_token=cls.TOKEN, account_sid=cls.ACCOUNT, public_url=cls.PUBLIC, from_number=cls.CALLER_ID
+        )
+
+    def __init__(self, runtime):
+        super().__init__(runtime)
+        self.placed = None
+        self._cloud: TwilioRest | None = None
+        self._cloud_call: CloudCall | None = None
+        self._verdict: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        from agent.outbound import place_call, placed_call
+        from agent.twilio_routes import twilio_router
+
+        cloud = self._cloud = await self._stack.enter_async_context(TwilioRest.running(self.ACCOUNT, self.TOKEN))
+        # Twilio's API is the stand-in, known only now that it listens.
+        self.runtime.spec = _switched_on(self.runtime.spec, "twilio", api_url=cloud.url)
+        app = FastAPI()
+        app.include_router(twilio_router(self.runtime, self.PUBLIC))
+        cloud.server = await self._stack.enter_async_context(serving(app))
+        cloud.callee(self.CALLEE, Callee(seconds=3600, amd_secs=None))
+        self.placed = placed_call(self.runtime, await place_call(self.runtime, self.CALLEE))
+        deadline = time.monotonic() + ANSWER_TIMEOUT_SECS
+        while self.placed.call is None or not cloud.calls or cloud.calls[0].caller is None or cloud.calls[0].caller.t0 is None:
+            if self.placed.done or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the agent's call over Twilio was not answered: {self.placed.outcome} {self.placed.detail}"
+                )
+            await asyncio.sleep(0.01)
+        self._cloud_call = cloud.calls[0]
+        self._caller = self._cloud_call.caller
+        self.call = self.placed.call
+        self.t0 = self._caller.t0
+
+    async def say(self, pcm: np.ndarray) -> tuple[float, float]:
+        start, end = await super().say(pcm)
+        if self._verdict is None:
+            self._verdict = asyncio.create_task(self._human_after(end))
+        return start, end
+
+    async def _human_after(self, speech_end: float) -> None:
+        await asyncio.sleep(max(0.0, speech_end + self.SPEECH_END_SECS - self.now()))
+        await self._cloud.report_amd(self._cloud_call, "human", self.now())
+
+    @property
+    def caller_sending(self) -> bool:
+        # Until Twilio's verdict the callee's words are held back from the agent: still on their way.
+        return super().caller_sending or (self._verdict is not None and not self._verdict.done())
+
+    @property
+    def ended(self) -> bool:
+        return self._cloud_call is not None and self._cloud_call.timeline is not None
+
+    async def close(self) -> None:
+        if self._verdict is not None:
+            self._verdict.cancel()
+            await asyncio.gather(self._verdict, return_exceptions=True)
+        if self._caller is not None:
+            self._caller.hang_up()
+        if self._cloud_call is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cloud_call.ended.wait(), 10)
+        await self._wait_call_gone()
+        if self.placed is not None:
+            await self.placed.wait(10.0)
+        await self._stack.aclose()
+
+
+LINES[OutboundTwilioLine.transport] = OutboundTwilioLine

@@ -320,3 +320,44 @@ async def test_twilios_first_callback_may_overtake_its_answer_to_the_create_requ
     assert placed.answered_by == "unknown" and not leg.final.is_set()
     assert dial_out.status(placed.id, {"CallSid": sid, "CallStatus": "no-answer"}) and leg.final.is_set()
     assert dial_out.status(placed.id, {"CallSid": sid, "CallStatus": "ringing"}) and leg.status == "no-answer"
+
+
+# --- a conversation test on the outbound Twilio line -------------------------------------------------
+
+SCRIPT = """
+turns = [["Hello, this is the clinic calling about your appointment."], ["Great, see you then."]]
+"""
+
+# Time to first audio counts from the end of the callee's words: Twilio's verdict (1.2 s of silence
+# after them), the end of turn (0.4 s) and the reply; room for a shared 2-core machine.
+SCENARIO = """
+agent: agent.yaml
+scenarios:
+  - name: appointment reminder over Twilio
+    script: script.py:turns
+    turns:
+      - user: "Hello?"
+        expect:
+          - {event: bot_started_speaking, within_ms: 4500}
+      - user: "Yes, Tuesday works for me."
+        pause_ms: 500
+        expect:
+          - {event: bot_started_speaking, within_ms: 3000}
+"""
+
+
+@requires_espeak
+def test_an_outbound_scenario_runs_over_twilio_like_an_inbound_one(tmp_path):
+    from agent.testing.runner import ScenarioRunner
+    from agent.testing.scenario import load_scenarios
+
+    (tmp_path / "script.py").write_text(SCRIPT)
+    path = call_agent_file(tmp_path, max_seconds=2)
+    path.write_text(path.read_text().replace("silence_secs: 0.5", "silence_secs: 0.4"))
+    (tmp_path / "reminder.yaml").write_text(SCENARIO)
+    file = load_scenarios(tmp_path / "reminder.yaml")
+    result = asyncio.run(ScenarioRunner().run(file, file.scenarios[0], "twilio-outbound", 1))
+    assert result.error is None, result.error
+    assert len(result.checks) >= 2 and [c.name for c in result.checks if not c.passed] == []
+    kinds = [e.kind for e in result.events]
+    assert kinds.count("caller_speech_start") == 2 and "agent_audio_start" in kinds
