@@ -26,15 +26,38 @@ def declare(subparsers, usage_error: type[Exception]) -> None:
         "the agent file's outbound.on_machine says. Exit 0 answered, 1 not answered or refused, 2 usage.",
     )
     p.add_argument("agent", metavar="AGENT.yaml", help="the agent file")
-    p.add_argument("--to", required=True, metavar="NUMBER_OR_SIP_URI",
-                   help="sip:user@host[:port] to dial directly, or a phone number (+15551234567)")
-    p.add_argument("--from", dest="from_", default=None, metavar="CALLER_ID",
-                   help="the number or SIP user the call comes from (default: the trunk's caller_id)")
-    p.add_argument("--state", action="append", default=[], metavar="KEY=VALUE",
-                   help="a value the flow starts with (repeatable), e.g. --state appointment='Tue 10:00'")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECS, metavar="S",
-                   help=f"hang up after this many seconds, ringing included (default: {DEFAULT_TIMEOUT_SECS:.0f})")
-    p.add_argument("--model", default=None, help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id")
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="NUMBER_OR_SIP_URI",
+        help="sip:user@host[:port] to dial directly, or a phone number (+15551234567)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_",
+        default=None,
+        metavar="CALLER_ID",
+        help="the number or SIP user the call comes from (default: the trunk's caller_id)",
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a value the flow starts with (repeatable), e.g. --state appointment='Tue 10:00'",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECS,
+        metavar="S",
+        help=f"hang up after this many seconds, ringing included (default: {DEFAULT_TIMEOUT_SECS:.0f})",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="override the agent's model: 'tiny', a checkpoint folder or a Hugging Face id",
+    )
     from .cli import _add_log_level
 
     _add_log_level(p)

@@ -179,7 +179,10 @@ class OutboundBook:
         if len(self.running) >= max_calls:
             return f"outbound limit: {len(self.running)} of outbound.max_calls {max_calls} calls running"
         if len(self.placed_times) >= per_minute:
-            return f"outbound limit: {len(self.placed_times)} calls placed in the last minute (outbound.per_minute {per_minute})"
+            return (
+                f"outbound limit: {len(self.placed_times)} calls placed in the last minute "
+                f"(outbound.per_minute {per_minute})"
+            )
         return None
 
 
@@ -202,7 +205,9 @@ def route_for(runtime: AgentRuntime, to: str) -> Route:
     if target.lower().startswith(("sip:", "sips:")):
         return "sip"
     if not PHONE_NUMBER.match(target):
-        raise OutboundError(f"--to {to!r} is neither a SIP URI (sip:user@host[:port]) nor a phone number (+15551234567)")
+        raise OutboundError(
+            f"--to {to!r} is neither a SIP URI (sip:user@host[:port]) nor a phone number (+15551234567)"
+        )
     if runtime.spec.transports.sip.trunk is not None:
         return "trunk"
     return "twilio"
@@ -270,7 +275,9 @@ async def _run(runtime: AgentRuntime, dial: Dialer, placed: PlacedCall) -> None:
     finally:
         placed.finish()
         _retire(outbound_book(runtime), placed)
-        logger.info(f"outbound call {placed.id} ended: {placed.outcome} {placed.answered_by or ''} {placed.detail}")
+        logger.info(
+            f"outbound call {placed.id} ended: {placed.outcome} {placed.answered_by or ''} {placed.detail}"
+        )
 
 
 def _retire(book: OutboundBook, placed: PlacedCall) -> None:
@@ -310,7 +317,9 @@ def answering_screen(runtime: AgentRuntime, placed: PlacedCall) -> AnsweringGate
 
     async def on_event(event: Answered | Beep) -> None:
         if isinstance(event, Answered):
-            placed.classified(event.by, after_secs=event.at, greeting_secs=event.greeting_secs, reason=event.reason)
+            placed.classified(
+                event.by, after_secs=event.at, greeting_secs=event.greeting_secs, reason=event.reason
+            )
             if event.by == "machine":
                 if runtime.spec.outbound.on_machine == "hang_up":
                     await machine_answered(runtime, placed)
@@ -326,8 +335,7 @@ def answering_screen(runtime: AgentRuntime, placed: PlacedCall) -> AnsweringGate
 
 
 async def _message_without_beep(runtime: AgentRuntime, placed: PlacedCall) -> None:
-    await asyncio.sleep(NO_BEEP_SECS)
-    if not placed.done:
+    if await placed.wait(NO_BEEP_SECS) is None:  # still on, and no beep came
         placed.note("no_beep", waited_secs=NO_BEEP_SECS)
         await machine_answered(runtime, placed)
 

@@ -7,7 +7,7 @@ beep, a pure tone near 1 kHz held for a fraction of a second.
     detector = AnsweringDetector(8000)
     for pcm, speech in frames:                # 20 ms of int16 PCM, and whether the call's VAD hears speech
         for event in detector.feed(pcm, speech):
-            ...                                # Answered("human" | "machine" | "unknown", ...) once; Beep(...)
+            ...                                # Answered("human"|"machine"|"unknown", ...) once; Beep(...)
 
 `AnsweringGate` is the pipeline's side: placed right after the transport's input, it holds the
 callee's audio back from the agent until the detector decides. A person's greeting is then passed on
@@ -84,7 +84,9 @@ class BeepDetector:
             return None
         beep = None
         if self._tone_hz is not None and BEEP_MIN_SECS <= self._tone_secs <= BEEP_MAX_SECS:
-            beep = Beep(at=round(now - frame_secs, 3), hz=round(self._tone_hz), secs=round(self._tone_secs, 3))
+            beep = Beep(
+                at=round(now - frame_secs, 3), hz=round(self._tone_hz), secs=round(self._tone_secs, 3)
+            )
         self._tone_hz = hz
         self._tone_secs = frame_secs if hz is not None else 0.0
         return beep
@@ -136,7 +138,9 @@ class AnsweringDetector:
         if self.speech_secs >= MACHINE_SPEECH_SECS:
             self._decide(events, "machine", f"{self.speech_secs:.1f} s of speech without a pause")
         elif self._started is not None and self.silence_secs >= HUMAN_PAUSE_SECS:
-            self._decide(events, "human", f"{self.speech_secs:.1f} s greeting, then {self.silence_secs:.1f} s pause")
+            self._decide(
+                events, "human", f"{self.speech_secs:.1f} s greeting, then {self.silence_secs:.1f} s pause"
+            )
         elif self._started is None and self.now >= SILENT_SECS:
             self._decide(events, "unknown", f"nothing said in {self.now:.1f} s")
         return events

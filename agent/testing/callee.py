@@ -53,7 +53,9 @@ async def answering_phone(folder: Path) -> tuple[Baresip, str]:
             if process.returncode is not None or time.monotonic() > deadline:
                 process.kill()
                 await process.wait()
-                raise RuntimeError(f"baresip did not start its control port: {Baresip._log_tail(folder)}") from None
+                raise RuntimeError(
+                    f"baresip did not start its control port: {Baresip._log_tail(folder)}"
+                ) from None
             await asyncio.sleep(0.05)
     return Baresip(folder, silence, process, reader, writer), f"sip:callee@127.0.0.1:{listen.group(1)}"
 

@@ -14,7 +14,9 @@ from agent.testing.scenario import load_scenarios
 from tests.speech import requires_espeak
 
 ROOT = Path(__file__).resolve().parents[2]
-requires_baresip = pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (apt-get install baresip)")
+requires_baresip = pytest.mark.skipif(
+    BARESIP is None, reason="baresip is not installed (apt-get install baresip)"
+)
 
 SCRIPT = """
 turns = [["Hello, this is the clinic calling about your appointment."], ["Great, see you on Tuesday."]]

@@ -71,7 +71,9 @@ class Credentials:
     realm: str | None = None
 
 
-def offer_sdp(local_ip: str, port: int, codecs: tuple[str, ...] | list[str], session_id: int | None = None) -> bytes:
+def offer_sdp(
+    local_ip: str, port: int, codecs: tuple[str, ...] | list[str], session_id: int | None = None
+) -> bytes:
     """Our SDP offer: one G.711 audio stream in `codecs`' order, plus RFC 4733 telephone-event."""
     types = [STATIC_PAYLOAD_TYPES[name.upper()] for name in codecs]
     session_id = session_id if session_id is not None else random.randrange(1 << 31)
@@ -153,7 +155,9 @@ class SipOutboundCall:
         if not infos:
             raise DialFailed("failed", None, f"cannot resolve {host}")
         self._hop = infos[0][4][:2]
-        self._sip, _ = await loop.create_datagram_endpoint(lambda: _Socket(self._received), local_addr=(self.local_host, 0))
+        self._sip, _ = await loop.create_datagram_endpoint(
+            lambda: _Socket(self._received), local_addr=(self.local_host, 0)
+        )
 
     def close(self) -> None:
         self._closed = True
@@ -223,17 +227,21 @@ class SipOutboundCall:
             self._waiting.pop(key, None)
 
     async def _cancel(self, invite: SipRequest, responses: asyncio.Queue[SipResponse]) -> SipResponse:
-        """Ring timeout: CANCEL (same branch, §9.1); the INVITE then ends with 487 (or the callee
-        answered just before: a 2xx, which the caller then hangs up)."""
-        cancel = SipRequest("CANCEL", invite.uri, [
-            ("Via", invite.header("Via")),
-            ("Max-Forwards", "70"),
-            ("From", invite.header("From")),
-            ("To", invite.header("To")),
-            ("Call-ID", self.call_id),
-            ("CSeq", f"{invite.cseq.number} CANCEL"),
-            *[("Route", route) for route in invite.headers.get_all("Route")],
-        ])
+        """Ring timeout: CANCEL (same branch, §9.1); the INVITE then ends with 487, or with a 2xx when
+        the callee answered as the CANCEL crossed it (the call then goes on as answered)."""
+        cancel = SipRequest(
+            "CANCEL",
+            invite.uri,
+            [
+                ("Via", invite.header("Via")),
+                ("Max-Forwards", "70"),
+                ("From", invite.header("From")),
+                ("To", invite.header("To")),
+                ("Call-ID", self.call_id),
+                ("CSeq", f"{invite.cseq.number} CANCEL"),
+                *[("Route", route) for route in invite.headers.get_all("Route")],
+            ],
+        )
         logger.info(f"SIP outbound {self.call_id}: no answer before the ring timeout; CANCEL")
         cancel_key = (invite.cseq.number, "CANCEL")
         self._waiting[cancel_key] = asyncio.Queue()
@@ -264,23 +272,39 @@ class SipOutboundCall:
         asked = challenge.header("WWW-Authenticate" if status == 401 else "Proxy-Authenticate") or ""
         params = parse_digest_credentials(asked)
         if self.credentials is None:
-            raise DialFailed("failed", status, f"{challenge.reason}: the callee asks for credentials and none are configured")
+            raise DialFailed(
+                "failed",
+                status,
+                f"{challenge.reason}: the callee asks for credentials and none are configured",
+            )
         if params is None or "nonce" not in params or "realm" not in params:
             raise DialFailed("failed", status, f"{challenge.reason}: unusable challenge {asked!r}")
         realm = params["realm"]
         if self.credentials.realm is not None and realm != self.credentials.realm:
-            raise DialFailed("failed", status, f"challenge for realm {realm!r}, credentials are for {self.credentials.realm!r}")
+            raise DialFailed(
+                "failed",
+                status,
+                f"challenge for realm {realm!r}, credentials are for {self.credentials.realm!r}",
+            )
         algorithm = params.get("algorithm", "MD5").upper()
         if algorithm not in ("MD5", "SHA-256"):
-            raise DialFailed("failed", status, f"digest algorithm {algorithm} is not supported (MD5, SHA-256)")
+            raise DialFailed(
+                "failed", status, f"digest algorithm {algorithm} is not supported (MD5, SHA-256)"
+            )
         qop = "auth" if "auth" in [q.strip() for q in params.get("qop", "").split(",")] else None
         nc, cnonce = ("00000001", secrets.token_hex(8)) if qop else (None, None)
         user, uri = self.credentials.username, invite.uri
         digest = digest_response(
             algorithm, user, realm, self.credentials.password, "INVITE", uri, params["nonce"], nc, cnonce, qop
         )
-        fields = [f'username="{user}"', f'realm="{realm}"', f'nonce="{params["nonce"]}"', f'uri="{uri}"',
-                  f'response="{digest}"', f"algorithm={algorithm}"]
+        fields = [
+            f'username="{user}"',
+            f'realm="{realm}"',
+            f'nonce="{params["nonce"]}"',
+            f'uri="{uri}"',
+            f'response="{digest}"',
+            f"algorithm={algorithm}",
+        ]
         if qop:
             fields += [f"qop={qop}", f"nc={nc}", f'cnonce="{cnonce}"']
         if "opaque" in params:
@@ -294,7 +318,9 @@ class SipOutboundCall:
         self.to_header = response.header("To") or self.to_header
         contact = response.contact_uri
         self._remote_target = str(contact) if contact is not None else invite.uri
-        self._route = list(reversed([r for value in response.headers.get_all("Record-Route") for r in _split(value)]))
+        self._route = list(
+            reversed([r for value in response.headers.get_all("Record-Route") for r in _split(value)])
+        )
         ack = self._request("ACK", self._remote_target)
         ack.headers.set("CSeq", f"{invite.cseq.number} ACK")
         self._ack = ack
@@ -302,15 +328,19 @@ class SipOutboundCall:
 
     def _error_ack(self, invite: SipRequest, response: SipResponse) -> SipRequest:
         """The ACK for a non-2xx final response: part of the INVITE transaction, same branch (§17.1.1.3)."""
-        return SipRequest("ACK", invite.uri, [
-            ("Via", invite.header("Via")),
-            ("Max-Forwards", "70"),
-            ("From", invite.header("From")),
-            ("To", response.header("To") or invite.header("To")),
-            ("Call-ID", self.call_id),
-            ("CSeq", f"{invite.cseq.number} ACK"),
-            *[("Route", route) for route in invite.headers.get_all("Route")],
-        ])
+        return SipRequest(
+            "ACK",
+            invite.uri,
+            [
+                ("Via", invite.header("Via")),
+                ("Max-Forwards", "70"),
+                ("From", invite.header("From")),
+                ("To", response.header("To") or invite.header("To")),
+                ("Call-ID", self.call_id),
+                ("CSeq", f"{invite.cseq.number} ACK"),
+                *[("Route", route) for route in invite.headers.get_all("Route")],
+            ],
+        )
 
     # In the dialog -----------------------------------------------------------------------------
 

@@ -164,7 +164,10 @@ async def test_a_trunk_challenge_is_answered_with_the_digest(tmp_path, tiny_mode
     monkeypatch.setenv("TEST_TRUNK_PASSWORD", "trunk-secret")
     callee_audio(tmp_path, "human_hello.wav")
     async with Callee("uas_auth_answer.xml", tmp_path, "-d", "4000", "-trace_logs") as callee:
-        trunk = f", trunk: {{address: '{HOST}:{callee.port}', username: agent, password_env: TEST_TRUNK_PASSWORD, caller_id: '+15550001111'}}"
+        trunk = (
+            f", trunk: {{address: '{HOST}:{callee.port}', username: agent, password_env: TEST_TRUNK_PASSWORD, "
+            "caller_id: '+15550001111'}"
+        )
         runtime = make_runtime(tmp_path, tiny_model, sip_extra=trunk)
         placed = placed_call(runtime, await place_call(runtime, "+1 (555) 123-0042"))
         assert placed.route == "trunk"
@@ -215,7 +218,9 @@ async def test_a_machine_is_hung_up_on(tmp_path, tiny_model):
 
 async def test_a_message_is_left_after_the_beep(tmp_path, tiny_model):
     message = "Hello, this is Riverside Dental confirming your appointment on Tuesday at ten."
-    runtime = make_runtime(tmp_path, tiny_model, outbound=f"{{on_machine: leave_message, message: '{message}'}}")
+    runtime = make_runtime(
+        tmp_path, tiny_model, outbound=f"{{on_machine: leave_message, message: '{message}'}}"
+    )
     callee_audio(tmp_path, "machine_beep.wav")
     async with Callee("uas_machine.xml", tmp_path) as callee:
         placed = placed_call(runtime, await place_call(runtime, callee.uri))

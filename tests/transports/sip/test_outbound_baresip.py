@@ -28,7 +28,8 @@ def make_runtime(folder: Path, model, outbound: str = "{}") -> AgentRuntime:
     path.write_text(
         f"name: outbound test agent\nmodel: tiny\nvoice: {ROOT / 'examples/voices/demo'}\n"
         "turn: {detector: silence, silence_secs: 0.5}\nresponse: {max_seconds: 1}\n"
-        f"transports:\n  sip: {{host: 127.0.0.1, rtp_ports: [{rtp_first}, {rtp_first + 99}]}}\noutbound: {outbound}\n"
+        f"transports:\n  sip: {{host: 127.0.0.1, rtp_ports: [{rtp_first}, {rtp_first + 99}]}}\n"
+        f"outbound: {outbound}\n"
     )
     return AgentRuntime(load_agent(path), model=model)
 
@@ -51,7 +52,9 @@ async def test_baresip_answers_says_hello_and_hears_the_agent_reply(tmp_path, ti
         assert placed.call is not None, placed.detail
         # Padded: baresip hangs up when its microphone file runs out.
         hello, _ = sf.read(FIXTURES / "human_hello.wav", dtype="int16")
-        said_at = await phone.play(write_pcm(phone_folder / "hello.wav", np.concatenate([hello, np.zeros(80000, np.int16)])))
+        said_at = await phone.play(
+            write_pcm(phone_folder / "hello.wav", np.concatenate([hello, np.zeros(80000, np.int16)]))
+        )
         heard = []
         for _ in range(400):  # 8 s at most
             heard += phone.heard()
