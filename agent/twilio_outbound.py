@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
 import time
@@ -379,15 +380,19 @@ class TwilioDialOut:
 def twilio_dial_out(runtime: AgentRuntime) -> TwilioDialOut:
     """The server's TwilioDialOut; OutboundError saying what to set when Twilio calls cannot be placed."""
     dial_out = getattr(runtime, "twilio_dial_out", None)
-    if dial_out is None:
-        spec = runtime.spec.transports.twilio
-        if not spec.enabled:
-            need = "transports.twilio.enabled: true in the agent file (and the server running)"
-        else:
-            need = "an account SID (transports.twilio.account_sid or TWILIO_ACCOUNT_SID) on the running server"
-        raise OutboundError(f"calls to phone numbers go over Twilio here, which needs {need}; "
-                            "or configure transports.sip.trunk to place them over SIP")
-    return dial_out
+    if dial_out is not None:
+        return dial_out
+    spec = runtime.spec.transports.twilio
+    if not spec.enabled:
+        need = "transports.twilio.enabled: true in the agent file"
+    elif not (spec.account_sid or os.environ.get("TWILIO_ACCOUNT_SID")):
+        need = "an account SID (transports.twilio.account_sid or TWILIO_ACCOUNT_SID)"
+    else:  # set up, but no server: Twilio's stream and callbacks have nowhere to go
+        need = "the agent's server, which Twilio streams the call to: chroma-agent serve, then POST /api/calls"
+    raise OutboundError(
+        f"calls to phone numbers go over Twilio here, which needs {need}; "
+        "or set transports.sip.trunk to place them over SIP"
+    )
 
 
 def check_twilio_call(runtime: AgentRuntime, from_: str | None) -> None:

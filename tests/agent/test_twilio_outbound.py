@@ -304,6 +304,9 @@ def test_without_a_caller_id_or_account_the_call_is_refused_before_dialling(tmp_
     off = AgentRuntime(load_agent(agent_file(tmp_path, "", twilio="{enabled: false}")), model=tiny_model)
     with pytest.raises(OutboundError, match=r"transports\.twilio\.enabled: true"):
         check_twilio_call(off, CALLER_ID)
+    no_server = AgentRuntime(load_agent(agent_file(tmp_path, "", twilio=twilio)), model=tiny_model)
+    with pytest.raises(OutboundError, match=r"the agent's server.*chroma-agent serve, then POST /api/calls"):
+        check_twilio_call(no_server, CALLER_ID)  # e.g. `dial` without a server for Twilio to stream to
 
 
 async def test_twilios_first_callback_may_overtake_its_answer_to_the_create_request(tmp_path, tiny_model):
