@@ -71,6 +71,18 @@ def test_dial_an_answered_call(tmp_path, capsys):
 
 
 @needs_sipp
+def test_dial_hangs_up_at_its_timeout(tmp_path, capsys):
+    # A callee that says hello and stays on until the caller hangs up (its scenario waits for our BYE).
+    process, port = start_callee("uas_machine.xml", tmp_path)
+    code = main(["dial", str(agent_file(tmp_path)), "--to", f"sip:callee@{HOST}:{port}", "--timeout", "5"])
+    out = capsys.readouterr().out
+    assert finish(process) == 0  # our BYE came
+    assert code == 0, out
+    assert "timeout after_secs=5.0" in out
+    assert out.rstrip().splitlines()[-1].endswith("answered, human")
+
+
+@needs_sipp
 def test_dial_a_busy_line_exits_1(tmp_path, capsys):
     process, port = start_callee("uas_busy.xml", tmp_path)
     code = main(["dial", str(agent_file(tmp_path)), "--to", f"sip:callee@{HOST}:{port}"])

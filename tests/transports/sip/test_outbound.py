@@ -135,6 +135,23 @@ async def test_a_person_answers_and_the_agent_answers_their_hello(tmp_path, tiny
     assert runtime.sessions == 0  # the session went back when the call ended
 
 
+async def test_early_media_is_not_heard(tmp_path, tiny_model):
+    runtime = make_runtime(tmp_path, tiny_model)
+    callee_audio(tmp_path, "human_hello.wav")
+    # Before it answers, the callee plays 3 s of a machine's greeting as early media (183 with SDP): heard,
+    # it would make the detector call the person who then answers "Hello?" a machine.
+    with wave.open(str(FIXTURES / "machine_beep.wav"), "rb") as wav:
+        early = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    (tmp_path / "early.ulaw").write_bytes(ulaw_encode(early[: 3 * 8000]))
+    async with Callee("uas_early_media.xml", tmp_path, "-d", "4000") as callee:
+        placed = placed_call(runtime, await place_call(runtime, callee.uri))
+        assert await placed.wait(40) == "answered"
+        code, output = await callee.result()
+    assert code == 0, output
+    assert events(placed)["progress"]["status"] == 183
+    assert placed.answered_by == "human"
+
+
 async def test_busy(tmp_path, tiny_model):
     runtime = make_runtime(tmp_path, tiny_model)
     async with Callee("uas_busy.xml", tmp_path) as callee:
