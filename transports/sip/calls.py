@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import os
 import re
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -289,11 +291,9 @@ async def sip_outbound(runtime: AgentRuntime, placed: PlacedCall) -> None:
     The outcome goes to `placed`; returns when the call is over."""
     spec = runtime.spec.transports.sip
     target, hop, from_user, from_host, credentials = _outbound_target(spec, placed)
-    local_ip = spec.public_address or spec.host
     dialog = SipOutboundCall(
         target,
         local_host=spec.host,
-        contact_host=local_ip,
         next_hop=hop,
         from_user=from_user,
         from_host=from_host,
@@ -305,6 +305,7 @@ async def sip_outbound(runtime: AgentRuntime, placed: PlacedCall) -> None:
     session: RtpSession | None = None
     try:
         await dialog.open()
+        local_ip = dialog.contact_host = _local_address(spec, dialog.hop_address[0])
         session = await RtpSession.open(pool, name=placed.id)
         placed.note("sip_invite", call_id=dialog.call_id, target=str(target))
         answer_sdp = await dialog.dial(
@@ -360,6 +361,27 @@ async def _run_placed(call: Call, dialog: SipOutboundCall, session: RtpSession) 
         peer_bye.cancel()
     if not dialog.ended.is_set():
         await session.drain(DRAIN_SECS)  # the agent's last words go out before its BYE
+
+
+def _local_address(spec: SIPTransportSpec, remote_ip: str) -> str:
+    """The address the callee reaches us at (Contact, SDP): public_address, else host, else (host 0.0.0.0)
+    the address this machine sends to `remote_ip` from. A loopback host cannot call out of the machine."""
+    if spec.public_address:
+        return spec.public_address
+    try:
+        host, remote = ipaddress.ip_address(spec.host), ipaddress.ip_address(remote_ip)
+    except ValueError:
+        return spec.host
+    if host.is_unspecified:
+        with socket.socket(socket.AF_INET6 if remote.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((remote_ip, SIP_DEFAULT_PORT))  # UDP: picks the route, sends nothing
+            return probe.getsockname()[0]
+    if host.is_loopback and not remote.is_loopback:
+        raise OutboundError(
+            f"transports.sip.host is {spec.host}: a call to {remote_ip} cannot leave this machine from it; "
+            "set host to this machine's address (or 0.0.0.0, with public_address behind NAT)"
+        )
+    return spec.host
 
 
 def _outbound_target(spec: SIPTransportSpec, placed: PlacedCall):

@@ -168,6 +168,11 @@ class SipOutboundCall:
     def local_port(self) -> int:
         return self._sip.get_extra_info("sockname")[1]
 
+    @property
+    def hop_address(self) -> tuple[str, int]:
+        """The next hop's IP address and port, once `open` resolved it."""
+        return self._hop
+
     # Placing the call --------------------------------------------------------------------------
 
     async def dial(self, offer: bytes, ring_timeout: float) -> bytes:

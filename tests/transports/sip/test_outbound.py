@@ -252,3 +252,15 @@ async def test_a_message_is_left_after_the_beep(tmp_path, tiny_model):
     assert seen["beep"]["hz"] == 1000 and 0.4 <= seen["beep"]["secs"] <= 0.6
     assert seen["leaving_message"]["text"] == message
     assert "agent_hung_up" in [kind for _at, kind, _data in placed.call.timeline]
+
+
+def test_the_address_the_callee_reaches_us_at():
+    from agent.outbound import OutboundError
+    from agent.spec import SIPTransportSpec
+    from transports.sip.calls import _local_address
+
+    assert _local_address(SIPTransportSpec(host="0.0.0.0"), "127.0.0.1") == "127.0.0.1"  # the route's source
+    assert _local_address(SIPTransportSpec(host="0.0.0.0", public_address="203.0.113.5"), "127.0.0.1") == "203.0.113.5"
+    assert _local_address(SIPTransportSpec(host="127.0.0.1"), "127.0.0.1") == "127.0.0.1"
+    with pytest.raises(OutboundError, match="transports.sip.host is 127.0.0.1: a call to 198.51.100.7 cannot leave"):
+        _local_address(SIPTransportSpec(host="127.0.0.1"), "198.51.100.7")
