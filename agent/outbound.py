@@ -49,6 +49,9 @@ KEEP_FINISHED = 200  # ended calls kept for lookups (the HTTP API, tests)
 # A machine whose beep we never hear (some have none, some beep outside the band): leave the message
 # this long after deciding it is a machine, when its greeting has surely ended.
 NO_BEEP_SECS = 12.0
+# The longest our detector takes (processors.answering.SILENT_SECS) with room to spare; a route whose
+# detection says nothing in this long lets the flow start anyway.
+DECISION_WAIT_SECS = 8.0
 
 _ids = itertools.count(1)
 
@@ -83,6 +86,7 @@ class PlacedCall:
     # call notes the same events in its timeline once it exists.
     events: list[tuple[float, str, dict]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _decided: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _release: Callable[[], None] | None = field(default=None, repr=False)
 
     def note(self, kind: str, **data) -> None:
@@ -105,6 +109,16 @@ class PlacedCall:
         """Who answered, as the detector (ours, or Twilio's) decided; `timing`: seconds it took etc."""
         self.answered_by = answered_by
         self.note("answered_by", answered_by=answered_by, **timing)
+        self._decided.set()
+
+    async def person_answered(self, timeout: float = DECISION_WAIT_SECS) -> bool:
+        """Whether a person (or someone silent) answered, once that is decided; True when no decision
+        comes within `timeout` (a route without detection), False for a machine or an ended call."""
+        try:
+            await asyncio.wait_for(self._decided.wait(), timeout)
+        except TimeoutError:
+            return not self.done
+        return self.answered_by != "machine" and not self.done
 
     def finish(self, outcome: Outcome | None = None, detail: str = "") -> None:
         """The call is over. `outcome` counts unless one was recorded before (an answered call that
@@ -120,6 +134,7 @@ class PlacedCall:
         self._free_session()
         self.note("ended", outcome=self.outcome, answered_by=self.answered_by, detail=self.detail)
         self._done.set()
+        self._decided.set()
 
     @property
     def done(self) -> bool:

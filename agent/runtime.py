@@ -345,6 +345,7 @@ class Call:
         self.transferred_to: str | None = None
         self.ended_by_agent = False
         self.placed = None  # agent.outbound.PlacedCall when the agent placed this call
+        self._flow_start: asyncio.Task | None = None
         # What went wrong, one line each: a task of the call that failed (and so ended the call).
         self.errors: list[str] = []
         self._ending: asyncio.Task | None = None
@@ -422,13 +423,25 @@ class Call:
             global_functions=self.flow.global_functions,
         )
 
-        @self.worker.event_handler("on_pipeline_started")
-        async def _started(_worker, _frame):
+        async def start() -> None:
             try:
                 await self.flow.start(manager, state=self.flow_state)
             except Exception:
                 logger.exception(f"call {self.stats.call_id}: the flow could not start; ending the call")
                 await self.hang_up()
+
+        @self.worker.event_handler("on_pipeline_started")
+        async def _started(_worker, _frame):
+            if self.placed is None:
+                await start()
+                return
+            # A call the agent placed: the callee speaks first, so the flow (whose first node may speak at
+            # once) starts when a person has answered; for a machine, outbound.on_machine acts instead.
+            async def start_for_a_person() -> None:
+                if await self.placed.person_answered():
+                    await start()
+
+            self._flow_start = asyncio.create_task(start_for_a_person(), name=f"flow-{self.stats.call_id}")
 
     def _wire_events(self):
         stats, metrics, service = self.stats, self.runtime.metrics, self.service
@@ -542,5 +555,7 @@ class Call:
             metrics.call_ended()
             self.runtime.calls.pop(self.stats.call_id, None)
             self.service.session.cancel()
+            if self._flow_start is not None:
+                self._flow_start.cancel()
             logger.info(self.stats.summary())
         return self.stats

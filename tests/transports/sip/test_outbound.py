@@ -152,6 +152,35 @@ async def test_early_media_is_not_heard(tmp_path, tiny_model):
     assert placed.answered_by == "human"
 
 
+GREETING_FLOW = """
+initial_node: greet
+nodes:
+  greet:
+    respond_immediately: true
+    task_messages: [{role: developer, content: Say you are calling about the appointment.}]
+"""
+
+
+@pytest.mark.parametrize("fixture, scenario, who", [
+    ("human_hello.wav", "uas_answer_speak.xml", "human"),
+    ("machine_beep.wav", "uas_machine.xml", "machine"),
+])  # fmt: skip
+async def test_a_flow_that_speaks_first_waits_for_a_person(tmp_path, tiny_model, fixture, scenario, who):
+    (tmp_path / "flow.yaml").write_text(GREETING_FLOW)
+    runtime = make_runtime(tmp_path, tiny_model, outbound="{on_machine: hang_up}\nflow: flow.yaml")
+    callee_audio(tmp_path, fixture)
+    async with Callee(scenario, tmp_path, "-d", "5000") as callee:
+        placed = placed_call(runtime, await place_call(runtime, callee.uri))
+        assert await placed.wait(40) == "answered"
+        await callee.result()
+    assert placed.answered_by == who
+    kinds = [kind for _at, kind, _data in placed.call.timeline]
+    if who == "human":  # the first node starts (and speaks) only once a person has answered
+        assert "node" in kinds and kinds.index("answered_by") < kinds.index("node")
+    else:  # a machine never hears the flow
+        assert "node" not in kinds
+
+
 async def test_busy(tmp_path, tiny_model):
     runtime = make_runtime(tmp_path, tiny_model)
     async with Callee("uas_busy.xml", tmp_path) as callee:
