@@ -6,7 +6,7 @@ how each call went.
     outcome = await placed.wait(timeout=120)      # "answered", "busy", "no-answer" or "failed"
     placed.answered_by                            # "human", "machine", "unknown" or None (not answered)
 
-Routes, by target: a `sip:`/`sips:` URI is dialled directly over SIP; a phone number goes out through
+Routes, by target: a `sip:` URI is dialled directly over SIP; a phone number goes out through
 the SIP trunk when `transports.sip.trunk` is configured, else over Twilio's REST API.
 
 A route is a coroutine `dialer(runtime, placed)` that places the call, runs it to its end and
@@ -217,7 +217,9 @@ def route_for(runtime: AgentRuntime, to: str) -> Route:
     """Which way a call to `to` goes: 'sip' for a SIP URI, 'trunk' for a number when the agent has a
     SIP trunk, else 'twilio'. Raises OutboundError for anything else."""
     target = to.strip()
-    if target.lower().startswith(("sip:", "sips:")):
+    if target.lower().startswith("sips:"):
+        raise OutboundError(f"--to {to!r}: sips: needs TLS, and SIP calls go out over UDP; use sip:")
+    if target.lower().startswith("sip:"):
         return "sip"
     if not PHONE_NUMBER.match(target):
         raise OutboundError(
@@ -284,6 +286,9 @@ async def _run(runtime: AgentRuntime, dial: Dialer, placed: PlacedCall) -> None:
     except asyncio.CancelledError:
         placed.finish("failed", "cancelled")
         raise
+    except OutboundError as exc:  # a setting the route needs: said once, no traceback
+        logger.error(f"outbound call {placed.id} to {placed.to} not placed: {exc}")
+        placed.finish("failed", str(exc))
     except Exception as exc:
         logger.opt(exception=exc).error(f"outbound call {placed.id} to {placed.to} failed: {exc}")
         placed.finish("failed", f"{type(exc).__name__}: {exc}")

@@ -96,6 +96,7 @@ def test_dial_a_busy_line_exits_1(tmp_path, capsys):
     "flags, message",
     [
         (["--to", "hello"], "neither a SIP URI"),
+        (["--to", "sips:a@127.0.0.1"], "sips: needs TLS"),
         (["--to", "sip:a@127.0.0.1", "--state", "novalue"], "--state 'novalue' is not key=value"),
         (["--to", "sip:a@127.0.0.1", "--timeout", "0"], "--timeout 0.0"),
     ],
@@ -112,6 +113,22 @@ def test_outbound_settings_are_checked_when_the_file_loads(tmp_path):
     path.write_text(path.read_text().replace("rtp_ports", "trunk: {address: 'sip:bad host'}, rtp_ports"))
     with pytest.raises(AgentFileError, match="expected host or host:port"):
         load_agent(path)
+
+
+async def test_a_trunk_password_missing_from_the_environment_fails_the_call_naming_it(
+    tmp_path, tiny_model, monkeypatch
+):
+    monkeypatch.delenv("NO_SUCH_TRUNK_PASSWORD", raising=False)
+    path = agent_file(tmp_path)
+    trunk = (
+        "trunk: {address: '127.0.0.1:5999', username: agent, password_env: NO_SUCH_TRUNK_PASSWORD}, rtp_ports"
+    )
+    path.write_text(path.read_text().replace("rtp_ports", trunk))
+    runtime = AgentRuntime(load_agent(path), model=tiny_model)
+    placed = placed_call(runtime, await place_call(runtime, "+15551230042"))
+    assert await placed.wait(5) == "failed"
+    assert "NO_SUCH_TRUNK_PASSWORD" in placed.detail and "is not set" in placed.detail
+    assert runtime.sessions == 0
 
 
 # -- limits ------------------------------------------------------------------------------------------

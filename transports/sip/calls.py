@@ -391,8 +391,6 @@ def _outbound_target(spec: SIPTransportSpec, placed: PlacedCall):
             target = SipUri.parse(placed.to)
         except SipParseError as exc:
             raise OutboundError(f"--to {placed.to!r} is not a SIP URI: {exc}") from None
-        if target.secure:
-            raise OutboundError(f"--to {placed.to!r}: sips: needs TLS, and calls go out over UDP; use sip:")
         return target, None, placed.from_ or "agent", None, None
     trunk = spec.trunk
     if trunk is None:
