@@ -66,6 +66,7 @@ class Callee:
     script: Callable[[TwilioCaller], Awaitable[None]] | None = None
     answered_by: str = "human"
     amd_secs: float | None = 1.0
+    connects: bool = True  # False: answered, but the TwiML's stream never opens (for ``seconds``)
 
 
 @dataclass(eq=False)
@@ -246,6 +247,10 @@ class TwilioRest:
         """The answered call: the stream the TwiML names, the callee on it, and the AMD verdict."""
         stream = ET.fromstring(call.one("Twiml") or "<Response/>").find("Connect/Stream")
         if stream is None or self.server is None:
+            return
+        if not call.callee.connects:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call._hang_up.wait(), call.callee.seconds)
             return
         params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
         path = urlsplit(stream.get("url")).path

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from twilio.request_validator import RequestValidator
 
+from agent import twilio_outbound
 from agent.outbound import OutboundError, PlacedCall, place_call, placed_call
 from agent.runtime import AgentRuntime
 from agent.server import create_app
@@ -307,6 +308,27 @@ def test_without_a_caller_id_or_account_the_call_is_refused_before_dialling(tmp_
     no_server = AgentRuntime(load_agent(agent_file(tmp_path, "", twilio=twilio)), model=tiny_model)
     with pytest.raises(OutboundError, match=r"the agent's server.*chroma-agent serve, then POST /api/calls"):
         check_twilio_call(no_server, CALLER_ID)  # e.g. `dial` without a server for Twilio to stream to
+
+
+async def test_a_call_twilio_never_reports_on_is_cancelled_and_failed(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(twilio_outbound, "REPORT_GRACE_SECS", 0.5)
+    async with twilio_line(tmp_path, tiny_model, outbound="{ring_timeout: 5}") as (runtime, cloud, _host):
+        cloud.callee(CALLEE, Callee(ring_secs=30))
+        cloud.server = None  # Twilio's callbacks reach nobody
+        placed = await place(runtime)
+        assert await placed.wait(timeout=15) == "failed"
+    assert placed.detail == "Twilio reported nothing within 6 s" and runtime.sessions == 0
+    assert cloud.calls[0].updates == [{"Status": ["canceled"]}]  # and Twilio was told to stop ringing
+
+
+async def test_an_answered_call_whose_stream_never_opens_is_hung_up_and_failed(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(twilio_outbound, "STREAM_WAIT_SECS", 1.0)
+    async with twilio_line(tmp_path, tiny_model) as (runtime, cloud, _host):
+        cloud.callee(CALLEE, Callee(connects=False, seconds=20))
+        placed = await place(runtime)
+        assert await placed.wait(timeout=15) == "failed"
+    assert placed.detail == "answered, but Twilio opened no media stream within 1 s"
+    assert cloud.calls[0].updates == [{"Status": ["completed"]}] and runtime.sessions == 0
 
 
 async def test_twilios_first_callback_may_overtake_its_answer_to_the_create_request(tmp_path, tiny_model):
