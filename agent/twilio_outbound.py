@@ -117,6 +117,7 @@ class TwilioLeg:
     final_form: dict[str, str] = field(default_factory=dict)  # the callback that ended the call
     final: asyncio.Event = field(default_factory=asyncio.Event)
     gate: VerdictGate | None = None  # on the call's pipeline, once the stream is open
+    twilio_answered_by: str | None = None  # AMD's own word (machine_end_beep, fax, ...)
     acting: asyncio.Task | None = None  # outbound.on_machine being carried out
 
 
@@ -299,6 +300,7 @@ class TwilioDialOut:
         if leg.placed.answered_by is not None:  # Twilio decides once; a repeat changes nothing
             return True
         verdict = ANSWERED_BY[answered_by]
+        leg.twilio_answered_by = answered_by
         leg.placed.classified(verdict, **detection)
         if leg.gate is not None:
             leg.gate.decide(verdict)
@@ -308,9 +310,8 @@ class TwilioDialOut:
 
     def _act_on_machine(self, leg: TwilioLeg) -> None:
         # Not awaited here: the callback is answered at once, whatever speaking the message takes.
-        leg.acting = asyncio.get_running_loop().create_task(
-            machine_answered(self.runtime, leg.placed), name=f"on-machine-{leg.placed.id}"
-        )
+        action = _hang_up_on_fax(leg.placed) if leg.twilio_answered_by == "fax" else machine_answered(self.runtime, leg.placed)
+        leg.acting = asyncio.get_running_loop().create_task(action, name=f"on-machine-{leg.placed.id}")
 
     def screen(self, leg: TwilioLeg) -> VerdictGate:
         """The gate for the call's pipeline (right after the transport's input)."""
@@ -375,6 +376,17 @@ class TwilioDialOut:
             await self.update(leg.call_sid, Status=status)
         except TwilioRequestError as e:
             logger.warning(f"outbound call {leg.placed.id}: could not set Twilio call {leg.call_sid} {status}: {e}")
+
+
+async def _hang_up_on_fax(placed: PlacedCall) -> None:
+    """A fax takes no message, whatever outbound.on_machine says."""
+    call = placed.call
+    if call is None or placed.done:
+        return
+    placed.note("hanging_up_on_fax")
+    call.ended_by_agent = True
+    call.note("agent_hung_up")
+    await call.hang_up()
 
 
 def twilio_dial_out(runtime: AgentRuntime) -> TwilioDialOut:

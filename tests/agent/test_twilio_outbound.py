@@ -212,6 +212,17 @@ async def test_a_machine_gets_the_message_after_the_beep_when_the_agent_leaves_o
     assert timeline.closed_by_server_at is not None  # and then the agent hung up
 
 
+async def test_a_fax_is_hung_up_on_even_when_the_agent_leaves_messages(tmp_path, tiny_model):
+    outbound = "{on_machine: leave_message, message: 'Your appointment is on Tuesday at ten.'}"
+    async with twilio_line(tmp_path, tiny_model, outbound=outbound) as (runtime, cloud, _host):
+        cloud.callee(CALLEE, Callee(seconds=10, answered_by="fax", amd_secs=1.0))
+        placed = await place(runtime)
+        assert await placed.wait(timeout=20) == "answered"
+    assert placed.answered_by == "machine" and event(placed, "answered_by")["twilio_answered_by"] == "fax"
+    assert "hanging_up_on_fax" in kinds(placed) and "leaving_message" not in kinds(placed)
+    assert not any(cloud.calls[0].timeline.playing) and cloud.calls[0].timeline.closed_by_server_at < 5
+
+
 # --- callbacks -----------------------------------------------------------------------------------------
 
 
