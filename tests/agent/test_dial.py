@@ -58,7 +58,7 @@ def finish(process: subprocess.Popen) -> int:
 
 @needs_sipp
 def test_dial_an_answered_call(tmp_path, capsys):
-    process, port = start_callee("uas_answer_speak.xml", tmp_path, "-d", "3000")
+    process, port = start_callee("uas_answer_speak.xml", tmp_path, "-d", "6000")
     code = main(
         ["dial", str(agent_file(tmp_path)), "--to", f"sip:callee@{HOST}:{port}", "--state", "order=A-1042"]
     )
