@@ -53,9 +53,12 @@ STREAM_WAIT_SECS = 15.0
 # After the agent's call has ended, how long to wait for Twilio's final `completed`.
 END_GRACE_SECS = 15.0
 FOLLOW_TICK_SECS = 0.25
-# Twilio tells a person within about 2-3 s of their greeting (its speech-end threshold is 1.2 s of
-# silence); past this the agent hears the callee anyway rather than leave a person waiting.
-HOLD_SECS = 6.0
+# Twilio's detection gives up after this (its MachineDetectionTimeout, sent explicitly). A person is
+# told within 2-3 s of their greeting (1.2 s of silence after it) and silence within 5 s, but a
+# machine's verdict with DetectMessageEnd waits for the end of its greeting, however long.
+AMD_TIMEOUT_SECS = 30
+# The callee's audio is held back until the verdict; past this (no verdict came) the agent hears it.
+HOLD_SECS = AMD_TIMEOUT_SECS + 5.0
 
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
 FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
@@ -202,6 +205,7 @@ class TwilioDialOut:
             "StatusCallbackEvent": list(STATUS_EVENTS),
             # Asynchronous, so the stream (and the agent, waiting for the callee's hello) runs meanwhile.
             "MachineDetection": "DetectMessageEnd" if self.on_machine == "leave_message" else "Enable",
+            "MachineDetectionTimeout": str(AMD_TIMEOUT_SECS),
             "AsyncAmd": "true",
             "AsyncAmdStatusCallback": self.callback_url("/twilio/outbound/amd", placed.id),
             "AsyncAmdStatusCallbackMethod": "POST",

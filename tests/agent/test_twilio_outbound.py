@@ -107,7 +107,7 @@ async def test_create_request_carries_the_signed_stream_callbacks_and_machine_de
     assert form["StatusCallback"] == f"{PUBLIC}/twilio/outbound/status?placed={placed.id}"
     assert form["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
     assert form["MachineDetection"] == "Enable"  # outbound.on_machine: hang_up (the default)
-    assert form["AsyncAmd"] == "true"
+    assert form["AsyncAmd"] == "true" and form["MachineDetectionTimeout"] == "30"
     assert form["AsyncAmdStatusCallback"] == f"{PUBLIC}/twilio/outbound/amd?placed={placed.id}"
     assert form["Timeout"] == "30"  # outbound.ring_timeout's default
 
