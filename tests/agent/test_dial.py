@@ -24,6 +24,13 @@ HOST = "127.0.0.1"
 needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (apt-get install sip-tester)")
 
 
+@pytest.fixture(autouse=True)
+def engine_keeps_up(monkeypatch):
+    """The engine's real-time verdict (measured on this shared, loaded CPU) would refuse calls as busy;
+    these tests are about the calls and the limits, not the engine's speed."""
+    monkeypatch.setattr(AgentRuntime, "engine_state", lambda self: None)
+
+
 def agent_file(folder: Path, extra: str = "") -> Path:
     rtp_first = random.randrange(30000, 59000, 2)
     path = folder / "agent.yaml"

@@ -31,6 +31,13 @@ HOST = "127.0.0.1"
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (apt-get install sip-tester)")
 
 
+@pytest.fixture(autouse=True)
+def engine_keeps_up(monkeypatch):
+    """The engine's real-time verdict (measured on this shared, loaded CPU) would refuse calls as busy;
+    these tests are about the calls, and the capacity rules have their own tests (tests/agent/test_dial.py)."""
+    monkeypatch.setattr(AgentRuntime, "engine_state", lambda self: None)
+
+
 def free_port(span: int = 1) -> int:
     """A port P with P..P+span-1 free on 127.0.0.1 (SIPp's media port takes the ones after it too)."""
     for _ in range(200):
