@@ -10,6 +10,8 @@ import xml.etree.ElementTree as ET
 import httpx
 import numpy as np
 import pytest
+from pipecat.frames.frames import InputAudioRawFrame
+from pipecat.processors.frame_processor import FrameDirection
 from twilio.request_validator import RequestValidator
 
 from agent import twilio_outbound
@@ -19,7 +21,7 @@ from agent.server import create_app
 from agent.spec import load_agent
 from agent.testing.lines import serving
 from agent.testing.twilio_rest import Callee, TwilioRest
-from agent.twilio_outbound import check_twilio_call
+from agent.twilio_outbound import VerdictGate, check_twilio_call
 from tests.agent.test_call import agent_file as call_agent_file
 from tests.speech import requires_espeak, synthesize
 
@@ -397,3 +399,46 @@ def test_an_outbound_scenario_runs_over_twilio_like_an_inbound_one(tmp_path):
     assert len(result.checks) >= 2 and [c.name for c in result.checks if not c.passed] == []
     kinds = [e.kind for e in result.events]
     assert kinds.count("caller_speech_start") == 2 and "agent_audio_start" in kinds
+
+
+# --- the gate between the callee and the agent -----------------------------------------------------------
+
+
+def gate_collecting(hold_secs: float) -> tuple[VerdictGate, list]:
+    gate, passed = VerdictGate(hold_secs=hold_secs), []
+
+    async def push(frame, direction=FrameDirection.DOWNSTREAM):
+        passed.append(frame)
+
+    gate.push_frame = push
+    return gate, passed
+
+
+def audio(n: int) -> list[InputAudioRawFrame]:
+    """n frames of 20 ms at 8 kHz, each marked by its first byte."""
+    return [InputAudioRawFrame(audio=bytes([i]) * 320, sample_rate=8000, num_channels=1) for i in range(n)]
+
+
+async def test_the_gate_holds_the_callees_audio_until_a_person_is_decided_then_passes_all_in_order():
+    gate, passed = gate_collecting(hold_secs=5.0)
+    frames = audio(6)
+    for frame in frames[:4]:
+        await gate.process_frame(frame, FrameDirection.DOWNSTREAM)
+    assert passed == []
+    gate.decide("human")
+    for frame in frames[4:]:
+        await gate.process_frame(frame, FrameDirection.DOWNSTREAM)
+    assert passed == frames
+
+
+async def test_the_gate_never_passes_a_machines_audio_and_gives_up_holding_without_a_verdict():
+    machine, machine_passed = gate_collecting(hold_secs=0.1)
+    machine.decide("machine")
+    for frame in audio(20):
+        await machine.process_frame(frame, FrameDirection.DOWNSTREAM)
+    assert machine_passed == []
+    silent, silent_passed = gate_collecting(hold_secs=0.1)  # no verdict ever: heard after 0.1 s held
+    frames = audio(8)
+    for frame in frames:
+        await silent.process_frame(frame, FrameDirection.DOWNSTREAM)
+    assert silent_passed == frames
