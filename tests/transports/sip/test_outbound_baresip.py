@@ -63,14 +63,17 @@ async def test_baresip_answers_says_hello_and_hears_the_agent_reply(tmp_path, ti
             write_pcm(phone_folder / "hello.wav", np.concatenate([hello, np.zeros(80000, np.int16)]))
         )
         heard = []
-        for _ in range(400):  # 8 s at most
+        for _ in range(1000):  # 20 s at most: the tiny model replies slowly on a loaded machine
             heard += phone.heard()
             if placed.call.stats.turns >= 1 and any(loud(chunk) for t, chunk in heard if t > said_at + 1.0):
                 break
             await asyncio.sleep(0.02)
-        assert placed.answered_by == "human"
+        assert placed.answered_by == "human", placed.events
         # The callee decoded the agent's reply (the tiny model's noise) over RTP, after its greeting.
-        assert any(loud(chunk) for t, chunk in heard if t > said_at + 1.0)
+        assert any(loud(chunk) for t, chunk in heard if t > said_at + 1.0), (
+            placed.call.stats.turns,
+            placed.events,
+        )
         await phone.hang_up()
         assert await placed.wait(10) == "answered"
         assert placed.detail == "the callee hung up"
