@@ -7,10 +7,14 @@ file's tools and telephony actions bound to this call.
     await call_flow.start(manager, state={"caller_number": "+15551230000"})
     ...                                                         # keypad: DTMFInput(call_flow.digits)
 
-Transitions are pipecat's own: a function's handler returns `(result, next node)` and `FlowManager`
-moves there. What a tool run adds: its result is saved in state (under `store_as`, default the
-tool's name) for `{{ placeholders }}`, and a failed run speaks the tool's fallback and stays on the
-node without another model turn.
+pipecat's own `Flow` builds the nodes from the file's config and the handlers module (direct
+functions, `function` and custom actions, transitions in YAML, placeholders filled from
+`flow_manager.state`); this adds to those same node configs what a phone agent needs: the tools
+declared under `tools:`, each node's voice and keypad, and the telephony actions, with pipecat's
+`tts_say` and `end_conversation` carried out by the call (spoken through the model, then hang up).
+What a tool run adds: its result is saved in state (under `store_as`, default the tool's name) for
+`{{ placeholders }}`, and a failed run speaks the tool's fallback and stays on the node without
+another model turn.
 """
 
 from __future__ import annotations
@@ -21,11 +25,10 @@ from typing import Any
 from loguru import logger
 from pipecat.flows import NO_RESPONSE, FlowConfig, FlowManager, FlowsFunctionSchema, NodeConfig
 from pipecat.flows.config import case_key
-from pipecat.flows.types import ContextStrategyConfig
 
 from .actions import CallControl, action_handlers
 from .dtmf import DigitCollector
-from .file import FlowFile
+from .file import CALL_STATE, FlowFile
 from .tools import run_tool
 
 ENTER_NODE = "enter_node"  # an action of our own that each node starts with: its voice and keypad
@@ -44,10 +47,13 @@ class CallFlow:
         self.nodes: list[str] = []  # every node entered, in order
         self.on_node = None  # optional callback(name), as each node is entered
         self.digits = DigitCollector(go=self.go_to, state=lambda: self._manager.state)
-        self._nodes: dict[str, NodeConfig] = {
-            name: self._node(name, node) for name, node in flow.config.nodes.items()
-        }
-        self._global_functions = [self._function(f) for f in flow.config.global_functions]
+        # pipecat's Flow resolves the handlers and wires transitions to its own node dicts; our additions
+        # go into those same dicts, so a transition made by pipecat's code lands on a node with them.
+        pipecat_flow = flow.pipecat_flow()
+        self._nodes: dict[str, NodeConfig] = {name: pipecat_flow.node(name) for name in flow.config.nodes}
+        for name, node in flow.config.nodes.items():
+            self._extend(name, node, self._nodes[name])
+        self._global_functions = self._functions(flow.config.global_functions, pipecat_flow.global_functions)
 
     @property
     def initial_node(self) -> NodeConfig:
@@ -65,6 +71,11 @@ class CallFlow:
         """Seed the flow's state (the file's `state:`, then the call's own values) and enter the
         initial node."""
         self._manager = manager
+        for kind, handler in self._actions.items():
+            manager.register_action(kind, handler)  # tts_say and end_conversation: the call's, not a TTS's
+        if self.flow.handlers is not None:
+            self.flow.handlers.register(manager)
+        manager.state.update({key: "" for key in CALL_STATE})
         manager.state.update(self.flow.state)
         manager.state.update(state or {})
         await manager.initialize(self.initial_node)
@@ -78,38 +89,23 @@ class CallFlow:
 
     # -- building ----------------------------------------------------------------------------------
 
-    def _node(self, name: str, node: FlowConfig.Node) -> NodeConfig:
-        config: NodeConfig = {
-            "name": name,
-            "task_messages": [{"role": m.role, "content": m.content} for m in node.task_messages],
-            "respond_immediately": node.respond_immediately,
-            "pre_actions": [
-                {"type": ENTER_NODE, "node": name, "handler": self._enter},
-                *(self._action(a) for a in node.pre_actions),
-            ],
-        }
-        if node.role_message is not None:
-            config["role_message"] = node.role_message
+    def _extend(self, name: str, node: FlowConfig.Node, config: NodeConfig) -> None:
+        config["pre_actions"] = [
+            {"type": ENTER_NODE, "node": name, "handler": self._enter},
+            *config.get("pre_actions", []),
+        ]
         if node.functions:
-            config["functions"] = [self._function(f) for f in node.functions]
-        if node.post_actions:
-            config["post_actions"] = [self._action(a) for a in node.post_actions]
-        if node.context_strategy is not None:
-            config["context_strategy"] = ContextStrategyConfig(strategy=node.context_strategy_enum())
-        return config
+            config["functions"] = self._functions(node.functions, config.get("functions", []))
 
-    def _action(self, action: FlowConfig.Action) -> dict[str, Any]:
-        return {"type": action.type, **action.extras(), "handler": self._actions[action.type]}
+    def _functions(self, refs: list[FlowConfig.Function], built: list) -> list[FlowsFunctionSchema]:
+        """The file's functions in its order: pipecat's build of each, or ours for a tool under tools:."""
+        by_name = {f.name: f for f in built}
+        return [
+            by_name[ref.name] if ref.transition_only or ref.name not in self.flow.tools else self._function(ref)
+            for ref in refs
+        ]
 
     def _function(self, ref: FlowConfig.Function) -> FlowsFunctionSchema:
-        if ref.transition_only:
-
-            async def transition(args: dict, manager: FlowManager) -> tuple[Any, NodeConfig]:
-                return None, self._nodes[ref.transition_to]
-
-            return FlowsFunctionSchema(
-                name=ref.name, description=ref.description, properties={}, required=[], handler=transition
-            )
         tool = self.flow.tools[ref.name]
 
         async def call_tool(args: dict, manager: FlowManager) -> tuple[Any, Any]:
