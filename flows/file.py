@@ -151,7 +151,8 @@ def load_flow(path: str | Path, handlers: str | Path | ModuleType | None = None)
         raise FlowFileError(path, handler_problems or [(None, "", "cannot be loaded")])
 
     def at(items: list[Problem]) -> list[str]:
-        return [format_problem(path, lines.of(loc), dotted(loc), m) for loc, m in items]
+        located = sorted(((lines.of(loc), dotted(loc), m) for loc, m in items), key=lambda p: p[0])
+        return [format_problem(path, *p) for p in located]
 
     return replace(flow, extensions=at(checker.extensions), notes=at(checker.notes))
 
