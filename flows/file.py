@@ -27,6 +27,7 @@ Every problem fails the load, all of them reported together, each as `file:line:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -410,6 +411,18 @@ class _Checker:
                 "(result, TRANSITION_IN_YAML)",
             )
 
+    def _left_to_handlers(self, path: str, head: str) -> str:
+        name = Path(self.handlers.where).name
+        try:
+            mentioned = re.search(rf"""["']{head}["']""", inspect.getsource(self.handlers.module)) is not None
+        except (OSError, TypeError):
+            mentioned = False
+        said = f"{name} mentions {head!r}" if mentioned else f"{name} never mentions {head!r}"
+        return (
+            f"{{{{ {path} }}}} is left to the handlers ({said}; not checked): unless one has put it in "
+            "flow_manager.state by then, pipecat's FlowManager stops at this node"
+        )
+
     def _placeholders(self, state: dict) -> None:
         """Every `{{ name }}` must be something the flow sets: initial state, a tool's result, digits."""
         sources: dict[str, list[str] | None] = {str(k): None for k in (*CALL_STATE, *state)}
@@ -432,21 +445,17 @@ class _Checker:
             if tool.http is not None:
                 arguments = set(tool.parameters.get("properties", {}))
                 texts.append((("tools", name, "http", "url"), tool.http.url, arguments))
+        noted: set[str] = set()
         for loc, text, local in texts:
             for path in placeholders(text):
                 head, *rest = path.split(".")
                 if local is not None and head in local:
                     continue
                 if head not in sources and local is None and self.handlers is not None:
-                    # A handler may set any key of flow_manager.state; which ones cannot be known here.
-                    self.notes.append(
-                        (
-                            loc,
-                            f"{{{{ {path} }}}} is set by no state:, tool or collect_dtmf here; it must be set "
-                            f"in flow_manager.state by a handler in {self.handlers.where} before this "
-                            "text is used, or pipecat's FlowManager stops at that node",
-                        )
-                    )
+                    # A handler may put any key in flow_manager.state; which ones cannot be known here.
+                    if head not in noted:
+                        noted.add(head)
+                        self.notes.append((loc, self._left_to_handlers(path, head)))
                 elif head not in sources:
                     where = "an argument of the tool (parameters), " if local is not None else ""
                     self.problem(
