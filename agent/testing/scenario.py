@@ -270,11 +270,6 @@ class Scenario:
     judge: dict | None = None  # pipecat's `judge.eval` block, as pipecat parsed it
     system_prompt: str | None = None  # from `context:`: replaces the agent's for the run
 
-    @property
-    def judged(self) -> bool:
-        every = [e for t in self.turns for e in t.expect] + self.expect
-        return any(e.params.get("eval") for e in every)
-
 
 @dataclass
 class ScenarioFile:

@@ -21,7 +21,7 @@ from agent.testing.expect import evaluate
 from agent.testing.judging import judge_checks
 from agent.testing.report import junit_xml, progress_line, summary_table
 from agent.testing.runner import ScenarioRunner
-from agent.testing.scenario import load_scenarios
+from agent.testing.scenario import find_scenario_files, load_scenarios
 from tests.speech import requires_espeak
 from tests.testing.judge_stand_in import StandInJudge
 from tests.testing.test_runner import requires_baresip, requires_chromium
@@ -108,11 +108,34 @@ def test_a_pipecat_file_loads_in_pipecat_and_here_with_the_same_turns(tmp_path):
     assert stop.barge_in_after_ms == 700 and stop.barges_in
 
 
-def test_pipecat_s_older_single_scenario_file_loads(tmp_path):
+def test_pipecat_s_older_single_scenario_file_loads_and_is_found_in_a_folder(tmp_path):
     path = write(tmp_path, "name: hello\nturns:\n  - user: hi\n    expect:\n      - event: llm_response\n")
+    write(tmp_path, "eval: {service: ollama}\n", "judge.yaml")  # a fragment a file would include
     with pytest.warns(DeprecationWarning):
         theirs, ours = both(path)
     assert [s.name for s in ours.scenarios] == ["hello"] and theirs.scenarios[0].name == "hello"
+    assert find_scenario_files([tmp_path]) == [path]
+
+
+def test_a_system_context_replaces_the_agent_s_system_prompt_for_the_run(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        name: x
+        context:
+          - {role: system, content: "You are Bo."}
+          - {role: system, content: "Be brief."}
+        scenarios:
+          - name: a
+            turns: [{user: hi}]
+          - name: b
+            context: [{role: system, content: "You are Al."}]
+            turns: [{user: hi}]
+        """,
+    )
+    theirs, ours = both(path)
+    assert [s.system_prompt for s in ours.scenarios] == ["You are Bo.\n\nBe brief.", "You are Al."]
+    assert theirs.scenarios[1].context == [{"role": "system", "content": "You are Al."}]
 
 
 def test_a_bad_pipecat_block_is_named_by_file_line_and_field(tmp_path):
