@@ -371,8 +371,8 @@ def _run_flow_check(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if flow.extensions:
         print(
-            f"note: pipecat's FlowConfig and Flow alone cannot run this file; these keys are this project's "
-            f"additions ({len(flow.extensions)}):"
+            f"pipecat's format with this project's additions ({len(flow.extensions)}), which pipecat's FlowConfig "
+            "and Flow alone cannot run:"
         )
         for where in flow.extensions:
             print(f"  {where}")

@@ -44,7 +44,7 @@ from voices.profile import PROFILE_FILE
 
 from .actions import TELEPHONY_ACTIONS, check_action
 from .dtmf import DtmfSpec
-from .handlers import Handlers, HandlersError, default_ref, load_handlers
+from .handlers import Handlers, HandlersError, UnreadHandlers, default_ref, load_handlers
 from .problems import (
     FlowFileError,
     Lines,
@@ -142,14 +142,13 @@ def load_flow(path: str | Path, handlers: str | Path | ModuleType | None = None)
             loaded = load_handlers(ref)
         except HandlersError as exc:
             handler_problems.append((None, "handlers", str(exc)))
+            loaded = UnreadHandlers(str(ref))
     checker = _Checker(path.resolve().parent, data, loaded)
     flow = checker.run(path)
     located = [(lines.of(loc), dotted(loc), message) for loc, message in checker.problems]
     problems = lines.duplicates + handler_problems + located
     if problems:
         raise FlowFileError(path, problems)
-    if handler_problems or flow is None:  # a missing handlers module leaves its references unchecked
-        raise FlowFileError(path, handler_problems or [(None, "", "cannot be loaded")])
 
     def at(items: list[Problem]) -> list[str]:
         located = sorted(((lines.of(loc), dotted(loc), m) for loc, m in items), key=lambda p: p[0])
@@ -210,7 +209,7 @@ class _Checker:
                 f"{show(initial)} is not a node; expected one of {', '.join(map(str, nodes))}",
             )
         self._references(nodes, globals_, state)
-        if self.problems:
+        if self.problems or isinstance(self.handlers, UnreadHandlers):
             return None
         return self._build(path, globals_, state)
 

@@ -134,3 +134,22 @@ class _ActionRecorder:
         if not callable(handler):
             raise ValueError(f"the handler for action {action_type!r} is not callable")
         self.actions[action_type] = handler
+
+
+class UnreadHandlers(Handlers):
+    """Stands in for a handlers module that failed to load, so that its failure is the one problem
+    reported about it rather than one per name the flow takes from it."""
+
+    class _Everything(dict):
+        def __contains__(self, key: object) -> bool:
+            return True
+
+    def __init__(self, where: str):
+        super().__init__(ModuleType("unread_handlers"), where, UnreadHandlers._Everything())
+
+    def lookup(self, name: str) -> Callable | None:
+        return _any_handler
+
+
+async def _any_handler(flow_manager: Any) -> None:
+    """Whatever the unread module would have held."""
