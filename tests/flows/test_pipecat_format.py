@@ -21,10 +21,12 @@ from flows.file import load_flow
 from flows.problems import FlowFileError
 from flows.runtime import CallFlow
 from flows.tools import run_tool
+from tests.speech import requires_espeak, synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
 RESTAURANT = ROOT / "examples" / "flows" / "restaurant"
 INTAKE = ROOT / "examples" / "flows" / "patient_intake"
+RATE = 16000
 HANDLERS_CODE = '''
 from pipecat.flows import TRANSITION_IN_YAML
 
@@ -361,3 +363,126 @@ def test_the_agent_file_names_the_handlers_module(tmp_path):
         load_agent(agent)
     assert "'collect_party_size' is not a tool" in str(caught.value)
     assert str(flow) in str(caught.value)
+
+
+# -- the same files through a call ------------------------------------------------------------------
+# The real pipeline on the tiny model with the in-process transport; only the thinker's choice of
+# words is scripted (ScriptedReasoner), as in test_calls.py.
+
+
+def agent_for(tmp_path: Path, flow: Path) -> Path:
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(
+        f"""
+name: pipecat format agent
+model: tiny
+voice: {ROOT / "examples/voices/demo"}
+flow: {flow}
+turn: {{detector: silence, silence_secs: 0.4}}
+response: {{max_seconds: 10}}
+"""
+    )
+    return agent
+
+
+def runtime_with(agent: Path, tiny_model, turns):
+    from agent.runtime import AgentRuntime
+    from processors.chroma.scripted import ScriptedReasoner
+
+    reasoners = []
+
+    def reasoner():
+        reasoners.append(ScriptedReasoner(tiny_model.tokenizer, turns))
+        return reasoners[-1]
+
+    return AgentRuntime(load_agent(agent), model=tiny_model, reasoner=reasoner), reasoners
+
+
+def logged(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@requires_espeak
+async def test_the_restaurant_flow_runs_a_call_with_its_handlers_state_and_pipecats_actions(
+    tmp_path, tiny_model, monkeypatch
+):
+    from agent.testing.inprocess import InProcessCall
+    from processors.chroma.scripted import Call
+
+    monkeypatch.setenv("RESTAURANT_LOG", str(tmp_path))
+    turns = [
+        ["Welcome to La Piazza."],  # the first node speaks first (respond_immediately)
+        ["Sure. ", Call("collect_party_size", {"size": 4}), Call("check_availability", {"time": "7pm"}), "Ok."],
+        [Call("confirm_reservation", {"name": "Rossi"}), "Done."],
+    ]
+    runtime, reasoners = runtime_with(agent_for(tmp_path, RESTAURANT / "flow.yaml"), tiny_model, turns)
+    line = InProcessCall(runtime)
+    line.call.flow_state["caller_number"] = "+15551230000"
+    async with line:
+        assert await line.quiet(settle=1.0, timeout=30)
+        await line.say(synthesize("A table for four at seven, please.", RATE))
+        assert await line.quiet(settle=1.5, timeout=30)
+        await line.say(synthesize("Under Rossi.", RATE))
+        ended = await line._until(lambda: line.ended, 40)
+        call = line.call
+    # handlers by name, with pipecat's signatures; their results (not the TRANSITION_IN_YAML marker)
+    # went back to the thinker, and the YAML picked each next node from them
+    assert call.tool_calls == [
+        ("collect_party_size", {"size": 4}),
+        ("check_availability", {"time": "7pm"}),  # the optional seating left out
+        ("confirm_reservation", {"name": "Rossi"}),
+    ]
+    assert reasoners[0].results == [
+        {"status": "ok", "size": 4},
+        {"available": True, "time": "7pm"},
+        {"booked": True, "name": "Rossi"},
+    ]
+    assert call.flow.nodes == ["greeting", "get_time", "confirm", "goodbye"]
+    # the function action, the action registered in code and the one naming its handler, in order,
+    # reading what the handlers put in flow_manager.state (and the caller's number, shared with it)
+    assert logged(tmp_path / "bookings.jsonl") == [
+        {"event": "saved", "caller": "+15551230000", "time": "7pm", "seating": "inside", "name": "Rossi"},
+        {"event": "host_notified", "channel": "front-desk", "party_size": 4},
+        {"event": "ticket", "copies": 2, "name": "Rossi"},
+    ]
+    # tts_say spoken through the model with its placeholders filled from state; end_conversation says
+    # its text and hangs up
+    texts = list(call.stats.texts)
+    assert texts[-3:] == ["Done.", "Rossi, your table for 4 is booked for 7pm.", "Goodbye!"]
+    assert ended and call.ended_by_agent
+
+
+@requires_espeak
+async def test_the_intake_flow_runs_a_call_mixing_handlers_with_our_tools_and_actions(tmp_path, tiny_model, monkeypatch):
+    from agent.testing.inprocess import InProcessCall
+    from processors.chroma.scripted import Call
+
+    monkeypatch.setenv("INTAKE_LOG", str(tmp_path))
+    turns = [
+        ["Hello. "],
+        [
+            Call("find_patient", {"birthday": "1984-03-07"}),  # a Python tool declared under tools:
+            Call("record_medications", {"medications": ["aspirin"]}),  # handlers, pipecat's way
+            Call("record_allergies", {}),  # its optional argument left out
+            Call("record_visit_reason", {"reason": "a cough"}),
+            "Thank you.",
+        ],
+    ]
+    runtime, reasoners = runtime_with(agent_for(tmp_path, INTAKE / "flow.yaml"), tiny_model, turns)
+    async with InProcessCall(runtime) as line:
+        assert await line.quiet(settle=1.0, timeout=30)
+        await line.say(synthesize("I was born on the seventh of March 1984.", RATE))
+        ended = await line._until(lambda: line.ended, 40)
+        call = line.call
+    assert call.flow.nodes == ["identify", "medications", "allergies", "visit_reason", "done"]
+    assert reasoners[0].results[0] == {"found": True, "name": "Ada Lovelace"}
+    assert logged(tmp_path / "intake.jsonl") == [
+        {
+            "patient": {"found": True, "name": "Ada Lovelace"},  # the tool's result, kept under store_as
+            "medications": ["aspirin"],
+            "allergies": [],
+            "visit_reason": "a cough",
+            "caller_number": "",  # every call has it; empty off the phone
+        }
+    ]
+    assert ended and call.ended_by_agent  # end_call after the function action
