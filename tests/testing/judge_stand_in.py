@@ -17,8 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class StandInJudge:
-    def __init__(self):
+    """`status=401` refuses every request as a server refusing the key does; `garbage=True` answers
+    with text that is not the JSON asked for."""
+
+    def __init__(self, *, status: int = 200, garbage: bool = False):
         self.requests: list[dict] = []
+        self.status, self.garbage = status, garbage
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -26,8 +30,13 @@ class StandInJudge:
                 length = int(self.headers.get("Content-Length", 0))
                 request = json.loads(self.rfile.read(length) or b"{}")
                 judge.requests.append(request)
-                body = json.dumps(_completion(judge.answer(request))).encode()
-                self.send_response(200)
+                if judge.status != 200:
+                    body = json.dumps({"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+                else:
+                    content = "I think so." if judge.garbage else judge.answer(request)
+                    body = json.dumps(_completion(content))
+                body = body.encode()
+                self.send_response(judge.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -314,6 +314,20 @@ def test_without_a_reachable_judge_each_eval_is_skipped_with_the_reason(tmp_path
     assert all(f"no judge reachable at {endpoint}" in c.detail for c in checks)
 
 
+def test_a_judge_that_refuses_the_key_is_skipped_and_one_that_answers_badly_fails(tmp_path):
+    with StandInJudge(status=401) as refusing:
+        scenario, result = checks_of(tmp_path, JUDGED, judge_block(refusing.endpoint))
+        checks = asyncio.run(judge_checks(scenario, result))
+    assert [c.skipped for c in checks] == [True, True, True]
+    assert "the judge could not be reached (AuthenticationError" in checks[0].detail
+    with StandInJudge(garbage=True) as babbling:
+        scenario, result = checks_of(tmp_path, JUDGED, judge_block(babbling.endpoint))
+        checks = asyncio.run(judge_checks(scenario, result))
+    # as in pipecat: a question the judge could not answer is a no, "judge call failed"
+    assert [(c.passed, c.skipped) for c in checks] == [(False, False)] * 3
+    assert "judge call failed" in checks[0].detail
+
+
 def test_a_judge_that_cannot_be_set_up_without_its_key_is_skipped(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
