@@ -243,17 +243,12 @@ def action_handlers(control: CallControl) -> dict[str, ActionHandler]:
             return
         await _guard(action, control.say(text))
 
-    async def tts_say(action: dict, flow_manager: Any) -> None:
-        # pipecat's FlowManager has filled the text's placeholders on entering the node
-        await _guard(action, control.say(action["text"]))
-
     async def end_conversation(action: dict, flow_manager: Any) -> None:
         if action.get("text"):
             await _guard(action, control.say(action["text"]))
         await _guard(action, control.hang_up(True))
 
     return {
-        "tts_say": tts_say,
         "end_conversation": end_conversation,
         "end_call": end_call,
         "transfer_call": transfer_call,

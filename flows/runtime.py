@@ -72,7 +72,7 @@ class CallFlow:
         initial node."""
         self._manager = manager
         for kind, handler in self._actions.items():
-            manager.register_action(kind, handler)  # tts_say and end_conversation: the call's, not a TTS's
+            manager.register_action(kind, handler)  # end_conversation: the call hangs up
         if self.flow.handlers is not None:
             self.flow.handlers.register(manager)
         manager.state.update({key: "" for key in CALL_STATE})
@@ -92,8 +92,10 @@ class CallFlow:
     def _extend(self, name: str, node: FlowConfig.Node, config: NodeConfig) -> None:
         config["pre_actions"] = [
             {"type": ENTER_NODE, "node": name, "handler": self._enter},
-            *config.get("pre_actions", []),
+            *map(_spoken, config.get("pre_actions", [])),
         ]
+        if config.get("post_actions"):
+            config["post_actions"] = list(map(_spoken, config["post_actions"]))
         if node.functions:
             config["functions"] = self._functions(node.functions, config.get("functions", []))
 
@@ -163,3 +165,12 @@ class CallFlow:
             except Exception:
                 logger.exception(f"flow: switching to voice {voice!r} failed")
         self.digits.listen(self.flow.dtmf.get(name))
+
+
+def _spoken(action: dict[str, Any]) -> dict[str, Any]:
+    """pipecat's `tts_say` as our `say`: spoken through the model, with its placeholders filled from
+    state. A new type rather than a new handler for `tts_say`, because pipecat's action runner waits
+    after a `tts_say` for the frame its own handler queues, which the model's speech path never sends."""
+    if action.get("type") != "tts_say":
+        return action
+    return {"type": "say", "text": action["text"]}

@@ -124,6 +124,7 @@ def test_the_restaurant_flow_is_pipecats_format_and_loads_here_unchanged():
     goodbye = flow.config.nodes["goodbye"]
     assert [a.type for a in goodbye.pre_actions] == ["function", "notify_host", "print_ticket"]
     assert [a.type for a in goodbye.post_actions] == ["tts_say", "end_conversation"]
+    assert [a.type for a in flow.config.nodes["confirm"].pre_actions] == ["tts_say"]
 
 
 def test_a_handlers_optional_argument_reaches_the_model_as_pipecat_generates_it():
@@ -419,11 +420,11 @@ async def test_the_restaurant_flow_runs_a_call_with_its_handlers_state_and_pipec
     line = InProcessCall(runtime)
     line.call.flow_state["caller_number"] = "+15551230000"
     async with line:
-        assert await line.quiet(settle=1.0, timeout=30)
+        assert await line.quiet(settle=1.0, timeout=60)
         await line.say(synthesize("A table for four at seven, please.", RATE))
-        assert await line.quiet(settle=1.5, timeout=30)
+        assert await line.quiet(settle=1.5, timeout=90)
         await line.say(synthesize("Under Rossi.", RATE))
-        ended = await line._until(lambda: line.ended, 40)
+        ended = await line._until(lambda: line.ended, 90)
         call = line.call
     # handlers by name, with pipecat's signatures; their results (not the TRANSITION_IN_YAML marker)
     # went back to the thinker, and the YAML picked each next node from them
@@ -448,6 +449,8 @@ async def test_the_restaurant_flow_runs_a_call_with_its_handlers_state_and_pipec
     # tts_say spoken through the model with its placeholders filled from state; end_conversation says
     # its text and hangs up
     texts = list(call.stats.texts)
+    assert "Good news, a table is free." in texts  # on entering confirm, before the turn goes on
+    assert texts[texts.index("Good news, a table is free.") + 1] == "Ok."
     assert texts[-3:] == ["Done.", "Rossi, your table for 4 is booked for 7pm.", "Goodbye!"]
     assert ended and call.ended_by_agent
 
@@ -470,9 +473,9 @@ async def test_the_intake_flow_runs_a_call_mixing_handlers_with_our_tools_and_ac
     ]
     runtime, reasoners = runtime_with(agent_for(tmp_path, INTAKE / "flow.yaml"), tiny_model, turns)
     async with InProcessCall(runtime) as line:
-        assert await line.quiet(settle=1.0, timeout=30)
+        assert await line.quiet(settle=1.0, timeout=60)
         await line.say(synthesize("I was born on the seventh of March 1984.", RATE))
-        ended = await line._until(lambda: line.ended, 40)
+        ended = await line._until(lambda: line.ended, 90)
         call = line.call
     assert call.flow.nodes == ["identify", "medications", "allergies", "visit_reason", "done"]
     assert reasoners[0].results[0] == {"found": True, "name": "Ada Lovelace"}
