@@ -466,7 +466,9 @@ class _Checker:
     # sections
 
     def file(self, path: Path, data: dict) -> ScenarioFile:
-        self.keys((), data, _FILE_KEYS)
+        self.keys((), {k: v for k, v in data.items() if k != "persona"}, _FILE_KEYS)
+        if "persona" in data:
+            self.problem(("persona",), "a simulation; expected scripted scenarios (turns:), which is what this runs")
         agent = self.file_path(("agent",), data["agent"], "an agent file") if "agent" in data else None
         transport = data.get("transport")
         if transport is not None and transport not in TRANSPORTS:

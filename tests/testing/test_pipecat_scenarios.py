@@ -163,10 +163,10 @@ def test_a_bad_pipecat_block_is_named_by_file_line_and_field(tmp_path):
 def test_the_example_pipecat_scenarios_load_in_pipecat_and_here():
     path = ROOT / "examples/scenarios/customer_service_pipecat.yaml"
     theirs, ours = both(path)
-    assert len(theirs) == len(ours.scenarios) == 1
-    turns = ours.scenarios[0].turns
-    assert [t.kind for t in turns] == ["wait", "user", "user"]
-    assert [len(t.expect) for t in turns] == [len(t.expect) for t in theirs.scenarios[0].turns]
+    assert len(theirs) == len(ours.scenarios) == 2
+    assert [[t.kind for t in s.turns] for s in ours.scenarios] == [["wait", "user", "user"], ["wait", "dtmf"]]
+    for mine, pipecat_s in zip(ours.scenarios, theirs, strict=True):
+        assert [len(t.expect) for t in mine.turns] == [len(t.expect) for t in pipecat_s.turns]
 
 
 # -- the checks, over recorded events -----------------------------------------------------------------
