@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from agent.cli import main
 from agent.spec import AgentFileError, load_agent
+from flows.actions import action_handlers
 from flows.file import load_flow
 from flows.problems import FlowFileError
 from flows.runtime import CallFlow
@@ -135,6 +136,29 @@ def test_a_handlers_optional_argument_reaches_the_model_as_pipecat_generates_it(
     assert check.description == "Check whether a table is free at a time."
     # the global transition_only function is built by pipecat's Flow too
     assert [f.name for f in call_flow.global_functions] == ["end_early"]
+
+
+async def test_pipecats_speech_actions_are_carried_out_by_the_call():
+    control = Control()
+    call_flow = CallFlow(load_flow(RESTAURANT / "flow.yaml"), control)
+    # tts_say becomes our say: spoken through the model, its placeholders filled from state when run
+    assert call_flow.node("confirm")["pre_actions"][1] == {"type": "say", "text": "Good news, a table is free."}
+    say, end = call_flow.node("goodbye")["post_actions"]
+    assert say["type"] == "say" and end == {"type": "end_conversation", "text": "Goodbye!"}
+    handlers = action_handlers(control)
+
+    class Manager:
+        state = {"party_size": 4, "reservation": {"name": "Rossi", "time": "7pm"}}
+
+    await handlers["say"](say, Manager())
+    await handlers["end_conversation"](end, Manager())
+    await handlers["end_conversation"]({"type": "end_conversation"}, Manager())
+    assert control.done == [
+        ("say", "Rossi, your table for 4 is booked for 7pm."),
+        ("say", "Goodbye!"),
+        ("hang_up", True),
+        ("hang_up", True),
+    ]
 
 
 def test_a_json_flow_file_loads_like_the_yaml_one(tmp_path):
