@@ -19,7 +19,9 @@ another model turn.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from loguru import logger
@@ -33,6 +35,7 @@ from .tools import run_tool
 
 ENTER_NODE = "enter_node"  # an action of our own that each node starts with: its voice and keypad
 TIMEOUT_MARGIN_SECS = 1.0  # pipecat's own function-call timeout must not fire before the tool's
+HANDLER_TIMEOUT_SECS = 20.0  # a handler that names no limit of its own must still end (a call never hangs)
 
 
 class CallFlow:
@@ -74,7 +77,7 @@ class CallFlow:
         for kind, handler in self._actions.items():
             manager.register_action(kind, handler)  # end_conversation: the call hangs up
         if self.flow.handlers is not None:
-            self.flow.handlers.register(manager)
+            self.flow.handlers.register(_GuardedActions(manager))
         manager.state.update({key: "" for key in CALL_STATE})
         manager.state.update(self.flow.state)
         manager.state.update(state or {})
@@ -92,16 +95,19 @@ class CallFlow:
     def _extend(self, name: str, node: FlowConfig.Node, config: NodeConfig) -> None:
         config["pre_actions"] = [
             {"type": ENTER_NODE, "node": name, "handler": self._enter},
-            *map(_spoken, config.get("pre_actions", [])),
+            *map(_carried_out, config.get("pre_actions", [])),
         ]
         if config.get("post_actions"):
-            config["post_actions"] = list(map(_spoken, config["post_actions"]))
+            config["post_actions"] = list(map(_carried_out, config["post_actions"]))
         if node.functions:
             config["functions"] = self._functions(node.functions, config.get("functions", []))
 
     def _functions(self, refs: list[FlowConfig.Function], built: list) -> list[FlowsFunctionSchema]:
         """The file's functions in its order: pipecat's build of each, or ours for a tool under tools:."""
         by_name = {f.name: f for f in built}
+        for function in built:
+            if function.timeout_secs is None:  # a handler without @flows_tool_options(timeout_secs=...)
+                function.timeout_secs = HANDLER_TIMEOUT_SECS
         return [
             by_name[ref.name] if ref.transition_only or ref.name not in self.flow.tools else self._function(ref)
             for ref in refs
@@ -167,10 +173,49 @@ class CallFlow:
         self.digits.listen(self.flow.dtmf.get(name))
 
 
-def _spoken(action: dict[str, Any]) -> dict[str, Any]:
-    """pipecat's `tts_say` as our `say`: spoken through the model, with its placeholders filled from
-    state. A new type rather than a new handler for `tts_say`, because pipecat's action runner waits
-    after a `tts_say` for the frame its own handler queues, which the model's speech path never sends."""
-    if action.get("type") != "tts_say":
-        return action
-    return {"type": "say", "text": action["text"]}
+def _carried_out(action: dict[str, Any]) -> dict[str, Any]:
+    """An action as the call runs it. pipecat's `tts_say` becomes our `say` (spoken through the model,
+    its placeholders filled from state): a new type rather than a new handler for `tts_say`, because
+    pipecat's action runner waits after a `tts_say` for the frame its own handler queues, which the
+    model's speech path never sends. A handler from the handlers module gets a time limit."""
+    if action.get("type") == "tts_say":
+        return {"type": "say", "text": action["text"]}
+    if callable(action.get("handler")):
+        return {**action, "handler": guarded(action["type"], action["handler"])}
+    return action
+
+
+def guarded(kind: str, handler: Callable) -> Callable[[dict, Any], Awaitable[None]]:
+    """An action handler from the handlers module, limited in time and kept from raising into the
+    node's transition (pipecat would abandon the node); taking `(action)` or `(action, flow_manager)`
+    as pipecat's runner allows."""
+    try:
+        takes_manager = len(inspect.signature(handler).parameters) > 1
+    except (TypeError, ValueError):
+        takes_manager = True
+
+    async def run(action: dict, flow_manager: Any) -> None:
+        try:
+            result = handler(action, flow_manager) if takes_manager else handler(action)
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, HANDLER_TIMEOUT_SECS)
+        except TimeoutError:
+            logger.error(f"flow action {kind}: its handler took over {HANDLER_TIMEOUT_SECS:g} s; stopped")
+        except Exception:
+            logger.exception(f"flow action {kind}: its handler failed")
+
+    return run
+
+
+class _GuardedActions:
+    """The flow manager as the handlers module's `register_actions` sees it: what it registers is
+    guarded like any other handler; everything else is the manager's own."""
+
+    def __init__(self, manager: FlowManager):
+        self._manager = manager
+
+    def register_action(self, action_type: str, handler: Callable) -> None:
+        self._manager.register_action(action_type, guarded(action_type, handler))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)

@@ -161,6 +161,36 @@ async def test_pipecats_speech_actions_are_carried_out_by_the_call():
     ]
 
 
+async def test_handlers_from_the_module_have_a_time_limit_and_cannot_break_a_node(monkeypatch):
+    import asyncio
+
+    import flows.runtime as runtime
+
+    call_flow = CallFlow(load_flow(RESTAURANT / "flow.yaml"), Control())
+    # handler functions without a limit of their own get one (pipecat's is none)
+    timeouts = {f.name: f.timeout_secs for f in call_flow.node("get_time")["functions"]}
+    assert timeouts == {"check_availability": runtime.HANDLER_TIMEOUT_SECS}
+    # action handlers named in the file are wrapped
+    saving = call_flow.node("goodbye")["pre_actions"][1]
+    assert saving["type"] == "function" and saving["handler"].__name__ == "run"
+
+    monkeypatch.setattr(runtime, "HANDLER_TIMEOUT_SECS", 0.1)
+    seen = []
+
+    async def hangs(action, flow_manager):
+        await asyncio.sleep(60)
+
+    def raises(action, flow_manager):
+        raise RuntimeError("broken")
+
+    async def legacy(action):  # pipecat's runner also takes handlers of the action alone
+        seen.append(action["type"])
+
+    for kind, handler in (("hangs", hangs), ("raises", raises), ("legacy", legacy)):
+        await asyncio.wait_for(runtime.guarded(kind, handler)({"type": kind}, object()), 5)
+    assert seen == ["legacy"]
+
+
 def test_a_json_flow_file_loads_like_the_yaml_one(tmp_path):
     with (RESTAURANT / "flow.yaml").open() as f:
         data = yaml.load(f, include_loader(RESTAURANT))  # the includes resolved, as pipecat reads them
