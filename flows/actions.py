@@ -134,10 +134,15 @@ class SayArgs(_Args):
 
 
 class TtsSayArgs(SayArgs):
+    # pipecat passes any further keys of its actions through, so a file may carry some
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     append_text_to_context: StrictBool = True
 
 
 class EndConversationArgs(_Args):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     text: StrictStr | None = None
     append_text_to_context: StrictBool = True
 

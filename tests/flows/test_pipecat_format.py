@@ -320,6 +320,7 @@ def test_problems_with_handlers_and_pipecat_actions_are_listed_with_their_lines(
               - {type: notify, channel: desk}
               - {type: custom, handler: fine}
               - {type: end_conversation, text: Bye.}
+              - {type: tts_say, text: hi, priority: high}  # pipecat passes further keys through
         """,
     )
     lines = problems(path)
