@@ -8,8 +8,8 @@ file's tools and telephony actions bound to this call.
     ...                                                         # keypad: DTMFInput(call_flow.digits)
 
 pipecat's own `Flow` builds the nodes from the file's config and the handlers module (direct
-functions, `function` and custom actions, transitions in YAML, placeholders filled from
-`flow_manager.state`); this adds to those same node configs what a phone agent needs: the tools
+functions, `function` and custom actions, transitions in YAML), and its `FlowManager` fills the
+placeholders from `flow_manager.state`; this adds to those same node configs what a phone agent needs: the tools
 declared under `tools:`, each node's voice and keypad, and the telephony actions, with pipecat's
 `tts_say` and `end_conversation` carried out by the call (spoken through the model, then hang up).
 What a tool run adds: its result is saved in state (under `store_as`, default the tool's name) for
