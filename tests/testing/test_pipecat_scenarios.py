@@ -19,7 +19,7 @@ from agent.testing.command import EXIT_FAILED, EXIT_SKIPPED
 from agent.testing.events import Check, Event, RunResult
 from agent.testing.expect import evaluate
 from agent.testing.judging import judge_checks
-from agent.testing.report import junit_xml, progress_line, summary_table
+from agent.testing.report import junit_xml, progress_line, report_dict, summary_table
 from agent.testing.runner import ScenarioRunner
 from agent.testing.scenario import find_scenario_files, load_scenarios
 from tests.speech import requires_espeak
@@ -266,6 +266,9 @@ def test_a_skipped_check_is_neither_pass_nor_fail_in_every_report(tmp_path):
     suite = ET.fromstring(junit_xml([result]))
     assert (suite.get("skipped"), suite.get("failures")) == ("1", "0")
     assert "llm_marker" in suite.find(".//testcase/skipped").get("message")
+    report = report_dict([result], {})
+    assert (report["passed"], report["status"], report["summary"][0]["runs_skipped"]) == (False, "skip", 1)
+    assert [c["skipped"] for c in report["runs"][0]["checks"]] == [True, False]
 
 
 # -- eval: criteria, put to pipecat's judge ----------------------------------------------------------
