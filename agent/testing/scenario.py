@@ -30,7 +30,7 @@ transfer checks. Paths are relative to the scenario file. A full example::
                 within_ms: 1500
               - event: response
                 eval: "asks for the order number"    # put to the judge
-          - audio: caller.wav                        # a WAV file (pipecat: `user:` gives its words)
+          - audio: caller.wav                        # WAV, FLAC, OGG, MP3 (pipecat: `user:` gives its words)
           - dtmf: "1234#"                            # 0-9 * # A-D
             expect:
               - event: function_call
@@ -242,7 +242,7 @@ class Expectation:
 class Turn:
     kind: str  # "user" | "audio" | "dtmf" | "silence" | "wait" (no caller input: the agent speaks)
     text: str | None = None  # kind "user" (spoken with espeak-ng at run time), or what an audio turn says
-    wav: Path | None = None  # kind "audio": absolute
+    wav: Path | None = None  # kind "audio": absolute; any format processors.audio_io reads
     digits: str | None = None  # kind "dtmf"
     silence_ms: float | None = None  # kind "silence"
     pause_ms: float = 0.0  # silence before the turn starts
@@ -685,13 +685,16 @@ class _Checker:
         return True
 
     def wav(self, loc: Loc, value: Any) -> Path | None:
-        resolved = self.file_path(loc, value, "a WAV file")
+        """A recording the caller plays: any format libsndfile reads (WAV, FLAC, OGG, MP3), as pipecat takes."""
+        from processors.audio_io import AudioFileError, read_audio_channels
+
+        resolved = self.file_path(loc, value, "an audio file (WAV, FLAC, OGG or MP3)")
         if resolved is None:
             return None
-        with open(resolved, "rb") as f:
-            header = f.read(12)
-        if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            self.problem(loc, f"{value!r} is not a WAV file (no RIFF/WAVE header); expected a WAV file")
+        try:
+            read_audio_channels(resolved)
+        except AudioFileError as exc:
+            self.problem(loc, f"{value!r} is not usable audio: {exc.reason}")
             return None
         return resolved
 

@@ -108,6 +108,29 @@ def test_a_pipecat_file_loads_in_pipecat_and_here_with_the_same_turns(tmp_path):
     assert stop.barge_in_after_ms == 700 and stop.barges_in
 
 
+def test_a_recording_in_any_format_with_its_words_is_an_audio_turn(tmp_path):
+    import numpy as np
+    import soundfile
+
+    soundfile.write(tmp_path / "ask.flac", (0.3 * np.sin(np.arange(8000) / 8)).astype("float32"), 8000)
+    path = write(
+        tmp_path,
+        """
+        name: r
+        user: {modality: audio}
+        scenarios:
+          - name: a
+            turns:
+              - user: "Where is my order?"
+                audio: ask.flac
+        """,
+    )
+    theirs, ours = both(path)
+    turn = ours.scenarios[0].turns[0]
+    assert (turn.kind, turn.text, turn.wav) == ("audio", "Where is my order?", (tmp_path / "ask.flac").resolve())
+    assert theirs.scenarios[0].turns[0].audio == str(turn.wav)
+
+
 def test_pipecat_s_older_single_scenario_file_loads_and_is_found_in_a_folder(tmp_path):
     path = write(tmp_path, "name: hello\nturns:\n  - user: hi\n    expect:\n      - event: llm_response\n")
     write(tmp_path, "eval: {service: ollama}\n", "judge.yaml")  # a fragment a file would include

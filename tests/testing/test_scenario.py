@@ -162,7 +162,7 @@ TURN_CASES = [
     ),
     ("      - dtmf: -12", 4, "scenarios[0].turns[0].dtmf", "-12 is not allowed"),
     ("      - audio: missing.wav", 4, "scenarios[0].turns[0].audio", "'missing.wav' not found"),
-    ("      - audio: script.py", 4, "scenarios[0].turns[0].audio", "is not a WAV file"),
+    ("      - audio: script.py", 4, "scenarios[0].turns[0].audio", "'script.py' is not usable audio: not audio"),
     ("      - silence_ms: -1", 4, "scenarios[0].turns[0].silence_ms", "-1 is not allowed"),
     (
         "      - user: hi\n        pause_ms: soon",
