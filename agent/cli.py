@@ -331,7 +331,13 @@ def _add_flow(subparsers) -> None:
         "schemas, transitions, placeholders, actions and keypad settings checked) and print every "
         "problem as file:line: field: message.",
     )
-    check.add_argument("flow", metavar="FLOW.yaml", help="the flow file")
+    check.add_argument("flow", metavar="FLOW.yaml", help="the flow file (YAML or JSON)")
+    check.add_argument(
+        "--handlers",
+        metavar="FILE_OR_MODULE",
+        help="the handlers module the flow's functions and actions name: a Python file or an importable "
+        "module name (default: handlers.py beside the flow file, if there is one)",
+    )
     _add_verbose(check)
     check.set_defaults(run=_run_flow_check)
 
@@ -340,13 +346,17 @@ def _run_flow_check(args: argparse.Namespace) -> int:
     import os
 
     from flows.file import load_flow
+    from flows.handlers import resolve_ref
     from flows.problems import FlowFileError
 
     path = Path(args.flow)
     if not path.is_file():
         raise UsageError(f"{path}: {'is a folder, expected a flow file' if path.is_dir() else 'no such flow file'}")
+    handlers = resolve_ref(args.handlers, Path.cwd())
+    if isinstance(handlers, Path) and not handlers.is_file():
+        raise UsageError(f"--handlers {args.handlers}: no such file")
     try:
-        flow = load_flow(args.flow)
+        flow = load_flow(args.flow, handlers=handlers)
     except FlowFileError as exc:
         print(exc, file=sys.stderr)
         count = len(exc.problems)
@@ -356,7 +366,19 @@ def _run_flow_check(args: argparse.Namespace) -> int:
     print(
         f"{args.flow}: ok: {len(config.nodes)} nodes, {len(flow.tools)} tools, "
         f"starts at {config.initial_node!r}"
+        + (f", handlers from {flow.handlers.where}" if flow.handlers else "")
     )
+    for note in flow.notes:
+        print(f"note: {note}")
+    if flow.extensions:
+        print(
+            f"pipecat's format with this project's additions ({len(flow.extensions)}), which pipecat's FlowConfig "
+            "and Flow alone cannot run:"
+        )
+        for where in flow.extensions:
+            print(f"  {where}")
+    else:
+        print("pipecat's format: FlowConfig.from_file and Flow load this file as it is")
     # Header values are read from the environment on each call, so a missing one is not an error
     # here (the server may have it), only worth knowing.
     for variable, tools in flow.environment().items():

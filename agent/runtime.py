@@ -47,7 +47,7 @@ from processors.chroma.generation import Sampling, ThinkerStream
 from processors.chroma.modeling import ChromaModel
 from processors.chroma.scheduler import FrameScheduler
 from processors.chroma.service import FRAME_SECONDS, ChromaS2SService, ModelErrorAudio, render_line
-from processors.playout import PlayoutTracker
+from processors.playout import with_playout
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
 from voices.profile import load_voice
@@ -391,11 +391,7 @@ class Call:
                 *([DTMFInput(self.flow.digits)] if self.flow is not None else []),
                 self.aggregators.user(),
                 self.service,
-                transport.output(),
-                PlayoutTracker(
-                    unplayed=getattr(transport.output(), "unplayed_seconds", None),
-                    wait_played=getattr(transport.output(), "wait_played", None),
-                ),
+                *with_playout(transport),
                 self.aggregators.assistant(),
             ]
         )

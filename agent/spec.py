@@ -43,6 +43,7 @@ from pydantic_core import PydanticCustomError
 
 from flows.actions import E164
 from flows.file import FlowFile, load_flow
+from flows.handlers import resolve_ref
 from flows.problems import FlowFileError
 from voices.library import LibraryError, VoiceLibrary
 from voices.profile import Voice, VoiceError, load_voice
@@ -362,6 +363,11 @@ class AgentSpec(_Section):
     response: ResponseSpec = Field(default_factory=ResponseSpec, description="Reply generation.")
     transports: TransportsSpec = Field(default_factory=TransportsSpec, description="Enabled transports.")
     outbound: OutboundSpec = Field(default_factory=OutboundSpec, description="Calls the agent places.")
+    handlers: Text | None = Field(
+        None,
+        description="The flow's handlers module, as pipecat's Flow takes it: a Python file relative to this "
+        "file, or an importable module name. Default: handlers.py beside the flow file, if there is one.",
+    )
     flow: Text | None = Field(
         None,
         description="A flow file (relative to this file): nodes, tools and telephony actions the calls follow. "
@@ -418,6 +424,15 @@ class AgentSpec(_Section):
         context["voice"] = voice  # kept by _keep_voice: loading twice would check the audio twice
         return str(folder)
 
+    @field_validator("handlers")
+    @classmethod
+    def _handlers_found(cls, value: str | None, info: ValidationInfo) -> str | None:
+        ref = resolve_ref(value, _base(info))
+        if isinstance(ref, Path) and not ref.is_file():
+            raise _problem(f"{_show(value)}: no such file (looked for {ref}); expected a Python file of flow "
+                           "handlers relative to the agent file, or a module name")
+        return None if ref is None else str(ref)
+
     @field_validator("flow")
     @classmethod
     def _flow_loads(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -425,7 +440,7 @@ class AgentSpec(_Section):
             return None
         path = (_base(info) / Path(value).expanduser()).resolve()
         try:
-            flow = load_flow(path)
+            flow = load_flow(path, handlers=info.data.get("handlers"))
         except FlowFileError as exc:
             raise _problem(f"{_show(value)}: the flow file has problems:\n  " + str(exc).replace("\n", "\n  ")) from None
         if info.context is not None:
@@ -442,7 +457,7 @@ class AgentSpec(_Section):
     def flow_file(self) -> FlowFile | None:
         """The checked flow, loaded when the agent file was."""
         if self._flow is None and self.flow is not None:
-            self._flow = load_flow(self.flow)
+            self._flow = load_flow(self.flow, handlers=self.handlers)
         return self._flow
 
     @model_validator(mode="after")

@@ -14,7 +14,11 @@ interface the call side implements to carry them out.
       - type: end_call              # hang up once the current sentence has been spoken
 
 They are custom action types in pipecat's flow format, so `FlowManager` runs them as it runs any
-action; each is handed the call's `CallControl`.
+action; each is handed the call's `CallControl`. pipecat's own actions are taken as pipecat has them:
+`tts_say` is spoken through the model as `say` is (there is no separate TTS service),
+`end_conversation` speaks its optional text and hangs up, `function` runs the named handler from the
+handlers module inline in the pipeline, and a custom type names its `handler:` or is registered by the
+handlers module (`flows.handlers`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pydantic import (
 
 from processors.audio_io import AudioFileError, read_audio_native
 
+from .handlers import Handlers
 from .problems import Problem, from_validation, show
 from .templates import MissingValue, render
 
@@ -128,6 +133,20 @@ class SayArgs(_Args):
         return value
 
 
+class TtsSayArgs(SayArgs):
+    # pipecat passes any further keys of its actions through, so a file may carry some
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    append_text_to_context: StrictBool = True
+
+
+class EndConversationArgs(_Args):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    text: StrictStr | None = None
+    append_text_to_context: StrictBool = True
+
+
 ACTION_ARGS: dict[str, type[_Args]] = {
     "end_call": EndCallArgs,
     "transfer_call": TransferCallArgs,
@@ -135,31 +154,68 @@ ACTION_ARGS: dict[str, type[_Args]] = {
     "play": PlayArgs,
     "say": SayArgs,
 }
-NOT_FOR_SPEECH_TO_SPEECH = {
-    "tts_say": "use say: there is no separate TTS service; say speaks in the agent's own voice",
-    "end_conversation": "use end_call, which hangs up the phone call after the current sentence",
-    "function": "flow files run no inline Python actions; declare a tool under tools: instead",
-}
+TELEPHONY_ACTIONS = tuple(ACTION_ARGS)  # this project's own action types; pipecat alone cannot run them
+PIPECAT_ACTIONS = ("tts_say", "end_conversation", "function")  # built into pipecat's FlowManager
+PIPECAT_ARGS: dict[str, type[_Args]] = {"tts_say": TtsSayArgs, "end_conversation": EndConversationArgs}
 
 
-def check_action(action: Any, base: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
+def check_action(
+    action: Any, base: Path, handlers: Handlers | None = None
+) -> tuple[dict[str, Any] | None, list[Problem]]:
     """An action from the file as pipecat's action dict with its arguments checked (paths made
-    absolute), or the problems with it, located inside the action."""
+    absolute), or the problems with it, located inside the action. `handlers` is the flow's handlers
+    module: what `function` and custom actions name, and the custom types it registers."""
     if not isinstance(action, dict):
         return None, [((), f"{show(action)} is not allowed; expected a mapping with type and its arguments")]
     kind = action.get("type")
-    if kind in NOT_FOR_SPEECH_TO_SPEECH:
-        return None, [(("type",), f"{kind!r} is not supported here; {NOT_FOR_SPEECH_TO_SPEECH[kind]}")]
-    if kind not in ACTION_ARGS:
-        return None, [(("type",), f"{show(kind)} is not allowed; expected one of {', '.join(ACTION_ARGS)}")]
-    if "handler" in action:
-        return None, [(("handler",), "unknown key; telephony actions are carried out by the call itself")]
-    args = {k: v for k, v in action.items() if k != "type"}
-    try:
-        checked = ACTION_ARGS[kind].model_validate(args, context={"base": base})
-    except ValidationError as exc:
-        return None, from_validation(exc)
-    return {"type": kind, **{k: str(v) if isinstance(v, Path) else v for k, v in checked}}, []
+    if kind in ACTION_ARGS:
+        if "handler" in action:
+            return None, [(("handler",), "unknown key; telephony actions are carried out by the call itself")]
+        args = {k: v for k, v in action.items() if k != "type"}
+        try:
+            checked = ACTION_ARGS[kind].model_validate(args, context={"base": base})
+        except ValidationError as exc:
+            return None, from_validation(exc)
+        return {"type": kind, **{k: str(v) if isinstance(v, Path) else v for k, v in checked}}, []
+    if kind in PIPECAT_ARGS:
+        if "handler" in action:
+            return None, [(("handler",), f"unknown key; pipecat's built-in {kind!r} action takes no handler")]
+        try:
+            PIPECAT_ARGS[kind].model_validate({k: v for k, v in action.items() if k != "type"})
+        except ValidationError as exc:
+            return None, from_validation(exc)
+        return dict(action), []
+    if not isinstance(kind, str) or not kind:
+        return None, [(("type",), f"{show(kind)} is not allowed; expected {_expected_types(handlers)}")]
+    handler = action.get("handler")
+    if handler is None:
+        if kind == "function":
+            return None, [(("handler",), "missing; a function action names its handler in the handlers module")]
+        if handlers is not None and kind in handlers.actions:
+            return dict(action), []
+        return None, [(("type",), f"{kind!r} is not allowed; expected {_expected_types(handlers)}")]
+    if not isinstance(handler, str):
+        return None, [(("handler",), f"{show(handler)} is not allowed; expected the name of a handler")]
+    if handlers is None:
+        return None, [
+            (
+                ("handler",),
+                f"{handler!r} cannot be found: there is no handlers module (give handlers: in the agent "
+                "file, flow check --handlers, or a handlers.py beside the flow file)",
+            )
+        ]
+    if handlers.lookup(handler) is None:
+        return None, [(("handler",), f"{handler!r} is not a function in the handlers module {handlers.where}")]
+    return dict(action), []
+
+
+def _expected_types(handlers: Handlers | None) -> str:
+    custom = sorted(handlers.actions) if handlers is not None else []
+    kinds = ", ".join([*PIPECAT_ACTIONS, *TELEPHONY_ACTIONS, *custom])
+    return (
+        f"one of {kinds}, or a custom type with handler: naming a function in the handlers module "
+        "(or registered by its register_actions)"
+    )
 
 
 ActionHandler = Callable[[dict[str, Any], Any], Awaitable[None]]
@@ -192,7 +248,13 @@ def action_handlers(control: CallControl) -> dict[str, ActionHandler]:
             return
         await _guard(action, control.say(text))
 
+    async def end_conversation(action: dict, flow_manager: Any) -> None:
+        if action.get("text"):
+            await _guard(action, control.say(action["text"]))
+        await _guard(action, control.hang_up(True))
+
     return {
+        "end_conversation": end_conversation,
         "end_call": end_call,
         "transfer_call": transfer_call,
         "send_dtmf": send_dtmf,

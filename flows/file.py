@@ -6,10 +6,17 @@ full before the first call.
     flow.tools          # name -> ToolSpec (flows.tools)
     flow.voices, flow.dtmf, flow.state
 
-What the file adds to pipecat's format, none of which pipecat itself sees:
+A file pipecat's own `FlowConfig.from_file` and `Flow(config, handlers=module)` accept runs here as
+it is: a function entry names a direct function in the flow's handlers module (`flows.handlers`),
+actions are pipecat's (`tts_say`, `end_conversation`, `function`, custom types), `!include` reads a
+file relative to this one, and a `.json` file loads like a YAML one. pipecat's `Flow` builds the
+nodes (`flows.runtime`).
 
-- `tools:` the tools the nodes' functions name (see `flows.tools`); a function entry that is not
-  `transition_only` names one of them;
+What the file may add to pipecat's format, none of which pipecat itself sees (`FlowFile.extensions`
+lists where a file uses them):
+
+- `tools:` Python and HTTP tools declared in the file (see `flows.tools`); a function entry may name
+  one of them instead of a handler;
 - per node, `voice:` (a voice name from the library, or a voice folder relative to the flow file)
   and `collect_dtmf:` (see `flows.dtmf`);
 - the actions `end_call`, `transfer_call`, `send_dtmf`, `play` and `say` (see `flows.actions`);
@@ -20,26 +27,41 @@ Every problem fails the load, all of them reported together, each as `file:line:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from pipecat.flows import FlowConfig
+from pipecat.flows import Flow, FlowConfig, FlowReferenceError
+from pipecat.flows.types import FlowsDirectFunctionWrapper
 from pydantic import ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from voices.library import voice_path
 from voices.profile import PROFILE_FILE
 
-from .actions import check_action
+from .actions import TELEPHONY_ACTIONS, check_action
 from .dtmf import DtmfSpec
-from .problems import FlowFileError, Lines, Loc, Problem, dotted, from_validation, read_mapping, show
+from .handlers import Handlers, HandlersError, UnreadHandlers, default_ref, load_handlers
+from .problems import (
+    FlowFileError,
+    Lines,
+    Loc,
+    Problem,
+    dotted,
+    format_problem,
+    from_validation,
+    read_mapping,
+    show,
+)
 from .schema import schema_problems
 from .templates import placeholders
 from .tools import ENV_VALUE, TOOL_NAME, ToolSpec, load_python, signature_problems
 
 TOP_LEVEL = ("initial_node", "nodes", "global_functions", "tools", "state")
+CALL_STATE = ("caller_number",)  # what every call puts in state before the first node (empty off the phone)
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -72,6 +94,9 @@ class FlowFile:
     voices: dict[str, str] = field(default_factory=dict)  # node -> library name or absolute voice folder
     dtmf: dict[str, DtmfSpec] = field(default_factory=dict)  # node -> how it collects digits
     state: dict[str, Any] = field(default_factory=dict)  # initial values of state
+    handlers: Handlers | None = None  # the handlers module the functions and actions name
+    extensions: list[str] = field(default_factory=list)  # `file:line: field: ...`, each key of ours used
+    notes: list[str] = field(default_factory=list)  # `file:line: field: ...`, worth knowing, not wrong
 
     def environment(self) -> dict[str, list[str]]:
         """Environment variables the HTTP tools read at call time, with the tools that read each."""
@@ -82,26 +107,64 @@ class FlowFile:
                     names.setdefault(variable, []).append(name)
         return names
 
+    def pipecat_config(self) -> FlowConfig:
+        """The config without the functions that name our `tools:`: what pipecat's `Flow` builds, with
+        the handlers module alone."""
 
-def load_flow(path: str | Path) -> FlowFile:
-    """Read and check a flow file; raises FlowFileError naming every problem."""
+        def theirs(functions: list[FlowConfig.Function]) -> list[FlowConfig.Function]:
+            return [f for f in functions if f.transition_only or f.name not in self.tools]
+
+        nodes = {
+            name: node.model_copy(update={"functions": theirs(node.functions)})
+            for name, node in self.config.nodes.items()
+        }
+        return self.config.model_copy(
+            update={"nodes": nodes, "global_functions": theirs(self.config.global_functions)}
+        )
+
+    def pipecat_flow(self) -> Flow:
+        """pipecat's `Flow` for this file: its nodes built, its handlers resolved (a fresh one per call)."""
+        return Flow(self.pipecat_config(), handlers=[self.handlers.module] if self.handlers else [])
+
+
+def load_flow(path: str | Path, handlers: str | Path | ModuleType | None = None) -> FlowFile:
+    """Read and check a flow file; raises FlowFileError naming every problem.
+
+    `handlers` is the handlers module: an absolute file path, a module name, or a module; without it,
+    a `handlers.py` beside the flow file is used when there is one."""
     path = Path(path)
-    root, data = read_mapping(path, FlowFileError, "a mapping with initial_node and nodes")
+    root, data = read_mapping(path, FlowFileError, "a mapping with initial_node and nodes", includes=True)
     lines = Lines(root)
-    checker = _Checker(path.resolve().parent, data)
+    ref = handlers if handlers is not None else default_ref(path)
+    loaded, handler_problems = None, []
+    if ref is not None:
+        try:
+            loaded = load_handlers(ref)
+        except HandlersError as exc:
+            handler_problems.append((None, "handlers", str(exc)))
+            loaded = UnreadHandlers(str(ref))
+    checker = _Checker(path.resolve().parent, data, loaded)
     flow = checker.run(path)
-    problems = lines.duplicates + [(lines.of(loc), dotted(loc), message) for loc, message in checker.problems]
+    located = [(lines.of(loc), dotted(loc), message) for loc, message in checker.problems]
+    problems = lines.duplicates + handler_problems + located
     if problems:
         raise FlowFileError(path, problems)
-    return flow
+
+    def at(items: list[Problem]) -> list[str]:
+        located = sorted(((lines.of(loc), dotted(loc), m) for loc, m in items), key=lambda p: p[0])
+        return [format_problem(path, *p) for p in located]
+
+    return replace(flow, extensions=at(checker.extensions), notes=at(checker.notes))
 
 
 class _Checker:
     """Checks each section on its own, so one bad part does not hide the problems in the others."""
 
-    def __init__(self, base: Path, data: dict[str, Any]):
-        self.base, self.data = base, data
+    def __init__(self, base: Path, data: dict[str, Any], handlers: Handlers | None):
+        self.base, self.data, self.handlers = base, data, handlers
         self.problems: list[Problem] = []
+        self.extensions: list[Problem] = []  # where the file uses a key of ours, and which
+        self.notes: list[Problem] = []
         self.tools: dict[str, ToolSpec] = {}
         self.functions: dict[str, Callable] = {}
         self.nodes: dict[str, NodeSpec] = {}
@@ -116,6 +179,9 @@ class _Checker:
         for key in self.data:
             if key not in TOP_LEVEL:
                 self.problem((key,), f"unknown key; expected one of {', '.join(TOP_LEVEL)}")
+        for key in ("tools", "state"):
+            if key in self.data:
+                self.extensions.append(((key,), f"ours ({'Python and HTTP tools' if key == 'tools' else 'initial state'})"))
         state = self._mapping("state")
         for key in state:
             if not isinstance(key, str) or not IDENTIFIER.match(key):
@@ -143,7 +209,7 @@ class _Checker:
                 f"{show(initial)} is not a node; expected one of {', '.join(map(str, nodes))}",
             )
         self._references(nodes, globals_, state)
-        if self.problems:
+        if self.problems or isinstance(self.handlers, UnreadHandlers):
             return None
         return self._build(path, globals_, state)
 
@@ -202,7 +268,9 @@ class _Checker:
                 continue
             checked = []
             for i, action in enumerate(actions):
-                built, problems = check_action(action, self.base)
+                built, problems = check_action(action, self.base, self.handlers)
+                if built is not None and built["type"] in TELEPHONY_ACTIONS:
+                    self.extensions.append(((*loc, key, i, "type"), f"ours (the telephony action {built['type']})"))
                 self.problems += [((*loc, key, i, *where), message) for where, message in problems]
                 checked.append(built)
             self.actions[(name, key)] = checked
@@ -223,6 +291,9 @@ class _Checker:
                 self.problems += from_validation(exc, (*loc, "collect_dtmf"))
             self.node_dtmf[name] = dtmf
         raw.pop("collect_dtmf", None)
+        for key in ("voice", "collect_dtmf"):
+            if key in raw or (key == "collect_dtmf" and name in self.node_dtmf):
+                self.extensions.append(((*loc, key), "ours"))
         try:
             node = NodeSpec.model_validate(raw)
         except ValidationError as exc:
@@ -252,8 +323,8 @@ class _Checker:
                 # pipecat's own message points at a Python docstring; here tools describe themselves
                 self.problem(
                     (*loc, i, "description"),
-                    "only a transition_only function takes a description; "
-                    "a tool's description goes in its declaration under tools:",
+                    "only a transition_only function takes a description; a handler describes itself "
+                    "in its docstring, a tool in its declaration under tools:",
                 )
                 continue
             try:
@@ -290,13 +361,10 @@ class _Checker:
         if not function.transition_only:
             tool = self.tools.get(function.name)
             declared = self.data.get("tools") if isinstance(self.data.get("tools"), dict) else {}
-            if function.name not in declared:
-                self.problem(
-                    (*loc, "name"),
-                    f"{function.name!r} is not a tool; expected one declared under tools: "
-                    f"({', '.join(map(str, declared)) or 'none declared'}), "
-                    "or transition_only: true with a description and transition_to",
-                )
+            if function.name in declared:
+                self.extensions.append(((*loc, "name"), f"ours (names {function.name} under tools:)"))
+            else:
+                self._handler_function(function.name, (*loc, "name"), declared)
         target = function.transition_to
         if isinstance(target, str):
             if target not in known_nodes:
@@ -315,9 +383,48 @@ class _Checker:
                     f"{target.field!r} is not a field tool {function.name} returns; expected one of {', '.join(fields)}",
                 )
 
+    def _handler_function(self, name: str, loc: Loc, declared: dict) -> None:
+        """A function entry naming a pipecat direct function in the handlers module."""
+        target = self.handlers.lookup(name) if self.handlers is not None else None
+        if target is None:
+            where = (
+                f"a direct function in the handlers module {self.handlers.where}"
+                if self.handlers is not None
+                else "a direct function in a handlers module (handlers: in the agent file, flow check "
+                "--handlers, or a handlers.py beside the flow file)"
+            )
+            self.problem(
+                loc,
+                f"{name!r} is not a tool; expected one declared under tools: "
+                f"({', '.join(map(str, declared)) or 'none declared'}), {where}, "
+                "or transition_only: true with a description and transition_to",
+            )
+            return
+        try:
+            FlowsDirectFunctionWrapper(target)  # pipecat's own check of a tool's signature
+        except Exception as exc:
+            self.problem(
+                loc,
+                f"{name!r} in {self.handlers.where} is not a pipecat direct function: {exc}; expected "
+                f"async def {name}(flow_manager, <argument>: <type>, ...) with a docstring, returning "
+                "(result, TRANSITION_IN_YAML)",
+            )
+
+    def _left_to_handlers(self, path: str, head: str) -> str:
+        name = Path(self.handlers.where).name
+        try:
+            mentioned = re.search(rf"""["']{head}["']""", inspect.getsource(self.handlers.module)) is not None
+        except (OSError, TypeError):
+            mentioned = False
+        said = f"{name} mentions {head!r}" if mentioned else f"{name} never mentions {head!r}"
+        return (
+            f"{{{{ {path} }}}} is left to the handlers ({said}; not checked): unless one has put it in "
+            "flow_manager.state by then, pipecat's FlowManager stops at this node"
+        )
+
     def _placeholders(self, state: dict) -> None:
         """Every `{{ name }}` must be something the flow sets: initial state, a tool's result, digits."""
-        sources: dict[str, list[str] | None] = {str(k): None for k in state}
+        sources: dict[str, list[str] | None] = {str(k): None for k in (*CALL_STATE, *state)}
         for name, tool in self.tools.items():
             sources[tool.store_as or name] = tool.field_names()
         for dtmf in self.node_dtmf.values():
@@ -331,18 +438,24 @@ class _Checker:
                 texts.append((("nodes", name, "task_messages", i, "content"), message.content, None))
         for (name, key), actions in self.actions.items():
             for i, action in enumerate(actions):
-                if action and action["type"] == "say":
+                if action and action["type"] in ("say", "tts_say"):
                     texts.append((("nodes", name, key, i, "text"), action["text"], None))
         for name, tool in self.tools.items():
             if tool.http is not None:
                 arguments = set(tool.parameters.get("properties", {}))
                 texts.append((("tools", name, "http", "url"), tool.http.url, arguments))
+        noted: set[str] = set()
         for loc, text, local in texts:
             for path in placeholders(text):
                 head, *rest = path.split(".")
                 if local is not None and head in local:
                     continue
-                if head not in sources:
+                if head not in sources and local is None and self.handlers is not None:
+                    # A handler may put any key in flow_manager.state; which ones cannot be known here.
+                    if head not in noted:
+                        noted.add(head)
+                        self.notes.append((loc, self._left_to_handlers(path, head)))
+                elif head not in sources:
                     where = "an argument of the tool (parameters), " if local is not None else ""
                     self.problem(
                         loc,
@@ -363,7 +476,8 @@ class _Checker:
                 if self.actions.get((name, key)):
                     spec[key] = self.actions[(name, key)]
             nodes[name] = spec
-        # Everything pipecat checks has been checked above, with lines; this only builds its object.
+        # Everything pipecat checks has been checked above, with lines; this builds its objects and
+        # has its `Flow` resolve the handlers, as pipecat would at the start of a call.
         try:
             config = FlowConfig.model_validate(
                 {
@@ -375,7 +489,7 @@ class _Checker:
         except ValidationError as exc:
             self.problem((), f"pipecat's flow format rejects the file: {exc}")
             return None
-        return FlowFile(
+        flow = FlowFile(
             path=path.resolve(),
             config=config,
             tools=self.tools,
@@ -383,7 +497,15 @@ class _Checker:
             voices={n: node.voice for n, node in self.nodes.items() if node.voice},
             dtmf={n: node.collect_dtmf for n, node in self.nodes.items() if node.collect_dtmf},
             state=dict(state),
+            handlers=self.handlers,
         )
+        try:
+            flow.pipecat_flow()
+        except FlowReferenceError as exc:
+            for problem in exc.problems:
+                self.problem(("nodes", problem.node) if problem.node else (), f"pipecat's Flow: {problem.message}")
+            return None
+        return flow
 
 
 def _unknown_node(name: str, known: set[str]) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pipecat.utils.yaml import include_loader
 from pydantic import ValidationError
 
 Loc = tuple[Any, ...]
@@ -19,10 +21,10 @@ class FlowFileError(ValueError):
     def __init__(self, path: str | Path, problems: list[tuple[int | None, str, str]]):
         self.path = Path(path)
         self.problems = sorted(problems, key=lambda p: p[0] or 0)
-        super().__init__("\n".join(_format(path, *p) for p in self.problems))
+        super().__init__("\n".join(format_problem(path, *p) for p in self.problems))
 
 
-def _format(path: str | Path, line: int | None, field: str, message: str) -> str:
+def format_problem(path: str | Path, line: int | None, field: str, message: str) -> str:
     where = f"{path}:{line}" if line else str(path)
     return f"{where}: {field}: {message}" if field else f"{where}: {message}"
 
@@ -142,9 +144,9 @@ class Lines:
         return 1
 
 
-def parse(text: str) -> tuple[yaml.Node | None, Any]:
+def parse(text: str, loader_class: type[yaml.SafeLoader] = yaml.SafeLoader) -> tuple[yaml.Node | None, Any]:
     """The document's node tree (for line numbers) and its Python value."""
-    loader = yaml.SafeLoader(text)
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
         return node, (loader.construct_document(node) if node is not None else None)
@@ -152,23 +154,67 @@ def parse(text: str) -> tuple[yaml.Node | None, Any]:
         loader.dispose()
 
 
-def read_mapping(path: Path, error: type[FlowFileError], expected: str) -> tuple[Any, dict]:
-    """A YAML file's root node and its top-level mapping, or `error` naming the file (and the line of
-    bad YAML). `expected` says what the top level should hold, e.g. "a mapping with initial_node"."""
+class IncludeError(yaml.MarkedYAMLError):
+    """An `!include` whose file cannot be read or parsed; located at the tag."""
+
+
+def include_loader_for(base: Path) -> type[yaml.SafeLoader]:
+    """pipecat's `!include` loader (paths relative to `base`), with a failed include located at its
+    tag rather than raised as a bare OSError."""
+    loader_class = include_loader(base)
+    include = loader_class.yaml_constructors["!include"]
+
+    def located(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return include(loader, node)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            problem = f"!include {node.value!r} cannot be read ({reason}; looked for {base / str(node.value)})"
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            at = f" at line {mark.line + 1}" if mark else ""
+            problem = f"!include {node.value!r}: invalid YAML{at}: {exc.problem}"
+        raise IncludeError(None, None, problem, node.start_mark)
+
+    loader_class.add_constructor("!include", located)
+    return loader_class
+
+
+def read_mapping(
+    path: Path, error: type[FlowFileError], expected: str, *, includes: bool = False
+) -> tuple[Any, dict]:
+    """A YAML (or JSON) file's root node and its top-level mapping, or `error` naming the file (and the
+    line of bad YAML). `expected` says what the top level should hold, e.g. "a mapping with
+    initial_node". With `includes`, `!include other.yaml` reads a file relative to this one, as
+    pipecat's loaders do; a JSON file has no includes."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise error(path, [(None, "", f"cannot be read ({reason}); expected a UTF-8 YAML file")]) from None
+    is_json = path.suffix.lower() == ".json"
+    loader_class = include_loader_for(path.resolve().parent) if includes and not is_json else yaml.SafeLoader
     try:
-        root, data = parse(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
-        raise error(path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]) from None
+        root, data = parse(text, loader_class)
+    except IncludeError as exc:
+        raise error(path, [(exc.problem_mark.line + 1, "", exc.problem)]) from None
     except yaml.YAMLError as exc:
-        raise error(path, [(None, "", f"invalid YAML: {exc}")]) from None
+        if is_json:  # JSON that YAML 1.1 does not read (tabs, some escapes): no lines, same data
+            root, data = None, _json(path, text, error)
+        elif isinstance(exc, yaml.MarkedYAMLError):
+            mark = exc.problem_mark or exc.context_mark
+            detail = f"{exc.context}, {exc.problem}" if exc.context else exc.problem
+            raise error(path, [(mark.line + 1 if mark else None, "", f"invalid YAML: {detail}")]) from None
+        else:
+            raise error(path, [(None, "", f"invalid YAML: {exc}")]) from None
     if not isinstance(data, dict):
-        found = "the file is empty" if root is None else f"{show(data)} at the top level"
+        found = "the file is empty" if root is None and data is None else f"{show(data)} at the top level"
         raise error(path, [(1, "", f"{found}; expected {expected}")])
     return root, data
+
+
+def _json(path: Path, text: str, error: type[FlowFileError]) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(path, [(exc.lineno, "", f"invalid JSON: {exc.msg}")]) from None

@@ -2,7 +2,8 @@
 the model gives before the tool runs.
 
 This covers the part of JSON Schema that function-calling models read (types, properties, required,
-enum, items); jsonschema is not a dependency, so anything beyond that is reported rather than
+enum, items, and the `anyOf`/`oneOf` with a `null` branch that pipecat generates for an optional
+argument, `str | None`); jsonschema is not a dependency, so anything beyond that is reported rather than
 silently ignored.
 """
 
@@ -14,8 +15,9 @@ TYPES = ("object", "string", "number", "integer", "boolean", "array", "null")
 KEYWORDS = {
     "type", "description", "properties", "required", "enum", "items", "default", "title",
     "minimum", "maximum", "minLength", "maxLength", "pattern", "format", "examples",
-    "additionalProperties", "minItems", "maxItems",
+    "additionalProperties", "minItems", "maxItems", "anyOf", "oneOf",
 }  # fmt: skip
+ALTERNATIVES = ("anyOf", "oneOf")
 
 
 def schema_problems(schema: Any, where: tuple = ()) -> list[tuple[tuple, str]]:
@@ -31,8 +33,18 @@ def schema_problems(schema: Any, where: tuple = ()) -> list[tuple[tuple, str]]:
     for key in schema:
         if key not in KEYWORDS:
             problems.append(((*where, key), "is not a JSON Schema keyword this loader understands"))
+    alternatives = [k for k in ALTERNATIVES if k in schema]
+    for key in alternatives:
+        branches = schema[key]
+        if not isinstance(branches, list) or not branches:
+            problems.append(((*where, key), "expected a non-empty list of JSON schemas"))
+            continue
+        for i, branch in enumerate(branches):
+            problems += schema_problems(branch, (*where, key, i))
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
+    if kind is None and alternatives:
+        return problems
     if kind is None:
         problems.append(((*where, "type"), f"missing; expected one of {', '.join(TYPES)}"))
     elif not all(isinstance(k, str) and k in TYPES for k in kinds):
@@ -65,6 +77,11 @@ def argument_problems(schema: dict, value: Any, where: str = "") -> list[str]:
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind] if kind else []
     label = where or "arguments"
+    for key in ALTERNATIVES:
+        branches = [b for b in schema.get(key) or [] if isinstance(b, dict)]
+        if branches and all(argument_problems(b, value, where) for b in branches):
+            shown = " or ".join(_describe(b) for b in branches)
+            return [f"{label} is {value!r}; expected {shown}"]
     if kinds and not any(_is(value, k) for k in kinds):
         return [f"{label} is {value!r}; expected {' or '.join(kinds)}"]
     if "enum" in schema and value not in schema["enum"]:
@@ -95,3 +112,10 @@ def _is(value: Any, kind: str) -> bool:
     return isinstance(
         value, {"object": dict, "string": str, "boolean": bool, "array": list, "null": type(None)}[kind]
     )
+
+
+def _describe(schema: dict) -> str:
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " or ".join(map(str, kind))
+    return str(kind) if kind else "a value of the schema"

@@ -36,6 +36,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -145,23 +146,34 @@ def forget_local_modules() -> None:
         del sys.modules[name]
 
 
+def load_module_file(path: Path) -> ModuleType:
+    """The module in a Python file, run once per process (until `forget_local_modules`). Raises
+    ImportError naming the file and what it raised."""
+    path = path.resolve()
+    # Loaded under a name of its own so that two flows' `tools.py` do not replace each other.
+    key = f"{LOCAL_MODULES}{abs(hash(str(path)))}.{path.stem}"
+    module = sys.modules.get(key)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses and the like look their module up while it runs
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as exc:
+            del sys.modules[key]
+            if not isinstance(exc, Exception):
+                raise
+            raise ImportError(f"{path} raised {type(exc).__name__}: {exc}") from exc
+    return module
+
+
 def load_python(ref: str, base: Path) -> Callable:
     """The function `module:function` names; a module file under `base` (the flow's folder) wins over
     an importable module of the same name. Raises ImportError or AttributeError with the reason."""
     module_name, function_name = ref.split(":")
     local = base.joinpath(*module_name.split(".")).with_suffix(".py")
     if local.is_file():
-        # Loaded under a name of its own so that two flows' `tools.py` do not replace each other.
-        key = f"{LOCAL_MODULES}{abs(hash(str(local.resolve())))}.{module_name}"
-        module = sys.modules.get(key)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(key, local)
-            module = importlib.util.module_from_spec(spec)
-            try:
-                spec.loader.exec_module(module)
-            except Exception as exc:
-                raise ImportError(f"{local} raised {type(exc).__name__}: {exc}") from exc
-            sys.modules[key] = module
+        module = load_module_file(local)
     else:
         try:
             module = importlib.import_module(module_name)

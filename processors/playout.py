@@ -84,3 +84,21 @@ class PlayoutTracker(FrameProcessor):
     async def _played_out(self, frame: PlayedOutFrame) -> None:
         await self._wait_played()
         frame.reached.set()
+
+
+def with_playout(transport) -> list[FrameProcessor]:
+    """`transport.output()` followed by the `PlayoutTracker` fed by it, for a pipeline's list:
+
+        Pipeline([transport.input(), user_aggregator, chroma, *with_playout(transport), assistant_aggregator])
+
+    With it, a reply the caller barges in on is cut in the conversation to what the caller heard, and
+    a flow's hang-up or transfer waits until the goodbye has been played out. A transport that sends
+    audio ahead of playback (Twilio's) says how much is still unplayed; others play as they write."""
+    output = transport.output()
+    return [
+        output,
+        PlayoutTracker(
+            unplayed=getattr(output, "unplayed_seconds", None),
+            wait_played=getattr(output, "wait_played", None),
+        ),
+    ]

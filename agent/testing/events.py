@@ -16,6 +16,7 @@ EVENT_KINDS = {
     "caller_speech_start",  # data: {"text": str} or {"wav": str}; {"silence": True} for a silence turn
     "caller_speech_end",
     "caller_dtmf",  # data: {"digits": str}; at the last key's press
+    "caller_wait",  # a turn with no caller input started: the caller waits for the agent (its greeting)
     "agent_audio_start",  # first non-silent agent audio of one agent reply, at the wire
     "agent_audio_end",  # last non-silent agent audio of that reply
     "vad_start",  # the agent side's VAD, when the transport can observe it
@@ -51,7 +52,8 @@ class Event:
 
 @dataclass
 class Check:
-    """One evaluated expectation."""
+    """One evaluated expectation. A skipped check could not be decided (no judge could be reached, or
+    the agent has no such event): it did not pass, and `detail` says why it was skipped."""
 
     name: str  # short, e.g. "turn 2: bot_started_speaking within 800 ms"
     passed: bool
@@ -59,6 +61,11 @@ class Check:
     turn: int | None = None  # 0-based index of the scenario turn
     value_ms: float | None = None
     line: int | None = None  # the scenario file line of the expectation
+    skipped: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return not self.passed and not self.skipped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,8 +73,18 @@ class Check:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Check:
         return cls(
-            d["name"], bool(d["passed"]), d.get("detail", ""), d.get("turn"), d.get("value_ms"), d.get("line")
+            d["name"],
+            bool(d["passed"]),
+            d.get("detail", ""),
+            d.get("turn"),
+            d.get("value_ms"),
+            d.get("line"),
+            bool(d.get("skipped", False)),
         )
+
+
+def skipped(name: str, reason: str, *, turn: int | None = None, line: int | None = None) -> Check:
+    return Check(name, False, reason, turn=turn, line=line, skipped=True)
 
 
 @dataclass
@@ -84,8 +101,15 @@ class RunResult:
     duration_ms: float = 0.0
 
     @property
+    def status(self) -> str:
+        """"fail" (an error, or a check failed), "skip" (none failed, some could not be decided), "pass"."""
+        if self.error is not None or any(check.failed for check in self.checks):
+            return "fail"
+        return "skip" if any(check.skipped for check in self.checks) else "pass"
+
+    @property
     def passed(self) -> bool:
-        return self.error is None and all(check.passed for check in self.checks)
+        return self.status == "pass"
 
     def measurements(self) -> dict[str, list[float]]:
         """`first_audio_ms`: per turn that got agent audio, ms from the turn's anchor (see
@@ -111,6 +135,7 @@ class RunResult:
             "transport": self.transport,
             "run": self.run,
             "passed": self.passed,  # derived; ignored by from_dict
+            "status": self.status,  # derived; ignored by from_dict
             "error": self.error,
             "duration_ms": self.duration_ms,
             "measurements": self.measurements(),  # derived; ignored by from_dict
@@ -134,13 +159,18 @@ class RunResult:
 
 def turn_anchor(events: list[Event], turn: int) -> float | None:
     """When the agent may start answering turn `turn`: the end of the caller's speech, else the
-    caller's DTMF, else the start of a silence turn; None when the turn has no caller event."""
+    caller's DTMF, else the start of a silence turn or of a turn without input; None when the turn
+    has no caller event."""
     mine = [e for e in events if e.turn == turn]
     for kind, silence in (("caller_speech_end", False), ("caller_dtmf", False)):
         times = [e.t_ms for e in mine if e.kind == kind and bool(e.data.get("silence")) == silence]
         if times:
             return max(times)  # DTMF may come one event per digit: the last one ends the input
-    starts = [e.t_ms for e in mine if e.kind == "caller_speech_start" and e.data.get("silence")]
+    starts = [
+        e.t_ms
+        for e in mine
+        if (e.kind == "caller_speech_start" and e.data.get("silence")) or e.kind == "caller_wait"
+    ]
     return min(starts) if starts else None
 
 

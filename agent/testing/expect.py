@@ -10,8 +10,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .events import Check, Event, RunResult, first_audio_after, stopped_after, turn_anchor
-from .scenario import Expectation, Scenario, Turn
+from .events import Check, Event, RunResult, first_audio_after, skipped, stopped_after, turn_anchor
+from .scenario import REPLY_EVENTS, UNSUPPORTED_EVENTS, Expectation, Scenario, Turn
+
+# what each of pipecat's agent-side events is among ours, for `absent: true` and for timing
+_EVENT_KINDS = {
+    **dict.fromkeys(REPLY_EVENTS, ("agent_text",)),
+    "function_call": ("tool_call",),
+    "bot_started_speaking": ("agent_audio_start",),
+    "llm_started": ("agent_audio_start", "tool_call"),
+    "bot_stopped_speaking": ("agent_audio_end", "agent_stopped"),
+    "bot_interrupted": ("agent_stopped",),
+    "user_started_speaking": ("vad_start",),
+    "vad_user_started_speaking": ("vad_start",),
+    "user_stopped_speaking": ("vad_stop",),
+    "vad_user_stopped_speaking": ("vad_stop",),
+    "user_transcription": ("vad_stop", "caller_dtmf"),
+}
 
 
 def evaluate(scenario: Scenario, result: RunResult) -> list[Check]:
@@ -76,16 +91,27 @@ def percentile(values: list[float], p: float) -> float:
 
 def _turn_check(events: list[Event], index: int, turn: Turn, exp: Expectation) -> Check:
     label = f"turn {index + 1}: {_describe(exp)}"
-    if exp.event == "bot_started_speaking":
+    mine = [e for e in events if e.turn == index]
+    anchor = turn_anchor(events, index)
+    if exp.event in UNSUPPORTED_EVENTS:
+        return skipped(label, f"not checked: {UNSUPPORTED_EVENTS[exp.event]}", turn=index, line=exp.line)
+    if exp.absent:
+        passed, detail, value = _absent(mine, exp, anchor)
+    elif exp.event == "bot_started_speaking":
         passed, detail, value = _first_audio(events, index)
-    elif exp.event == "bot_stopped_speaking":
+    elif exp.event == "bot_stopped_speaking" and turn.barges_in:
         passed, detail, value = _barge_in_stop(events, index)
     elif exp.event == "kept_text_prefix":
         passed, detail, value = _kept_text(events, index)
+    elif exp.event in REPLY_EVENTS:
+        passed, detail, value = _reply(mine, exp, anchor, events)
+    elif exp.event == "user_transcription":
+        passed, detail, value = _caller_turn(mine, turn, exp, _turn_start(mine))
+    elif exp.event in _EVENT_KINDS and exp.event != "function_call":
+        passed, detail, value = _agent_side(mine, exp, anchor, events)
     else:
-        mine = [e for e in events if e.turn == index]
-        passed, detail, value = _happened(mine, exp, turn_anchor(events, index), "in this turn")
-    if passed and exp.within_ms is not None and value is not None and value > exp.within_ms:
+        passed, detail, value = _happened(mine, exp, anchor, "in this turn")
+    if passed and not exp.absent and exp.within_ms is not None and value is not None and value > exp.within_ms:
         passed, detail = False, f"{detail}; limit {exp.within_ms:g} ms"
     return Check(label, passed, detail, turn=index, value_ms=value, line=exp.line)
 
@@ -137,6 +163,112 @@ def _kept_text(events: list[Event], index: int) -> tuple[bool, str, None]:
     return True, f"kept {_quote(kept)} of {_quote(sent)}", None
 
 
+# pipecat's events within a turn
+
+
+def _turn_start(mine: list[Event]) -> float | None:
+    starts = [e.t_ms for e in mine if e.kind in ("caller_speech_start", "caller_dtmf", "caller_wait")]
+    return min(starts) if starts else None
+
+
+def spoken(event: Event) -> str:
+    """What an agent_text event says the agent spoke (cut to what was heard after a barge-in)."""
+    return _words(event.data.get("text", ""))
+
+
+def reply_text(mine: list[Event]) -> str:
+    """Everything the agent spoke in a turn, reply after reply."""
+    return " ".join(t for t in (spoken(e) for e in mine if e.kind == "agent_text") if t)
+
+
+def _reply(
+    mine: list[Event], exp: Expectation, anchor: float | None, events: list[Event]
+) -> tuple[bool, str, float | None]:
+    """The agent's reply: what it spoke in this turn, with pipecat's text checks on it."""
+    replies = [e for e in mine if e.kind == "agent_text" and spoken(e)]
+    if not replies:
+        return False, "the agent said nothing in this turn" + _ending(events), None
+    needle, excluded = exp.params.get("text_contains"), exp.params.get("text_excludes")
+    said, hit = "", replies[0]
+    for e in replies:  # the reply so far, until it holds the wanted text (as pipecat aggregates it)
+        said = f"{said} {spoken(e)}".strip()
+        hit = e
+        if needle is None or _words(needle) in said:
+            break
+    everything = reply_text(mine)
+    if needle is not None and _words(needle) not in said:
+        return False, f"the agent said {_quote(everything)}, which does not contain {needle!r}", None
+    if excluded is not None and _words(excluded) in everything:
+        return False, f"the agent said {_quote(everything)}, which contains {excluded!r}", None
+    value = hit.t_ms - anchor if anchor is not None else None
+    return True, f"the agent said {_quote(everything)}", value
+
+
+def _caller_turn(
+    mine: list[Event], turn: Turn, exp: Expectation, since: float | None
+) -> tuple[bool, str, float | None]:
+    """pipecat's user_transcription: the agent took the caller's turn (its VAD closed it, or the keys
+    were pressed), carrying the caller's words; the agent itself writes no transcript."""
+    if turn.kind == "dtmf":
+        keyed = next((e for e in mine if e.kind == "caller_dtmf"), None)
+        if keyed is None:
+            return False, "no keys were pressed in this turn", None
+        heard, text = keyed, f"DTMF: {turn.digits}"
+    elif turn.kind in ("user", "audio"):
+        started = next((e.t_ms for e in mine if e.kind == "caller_speech_start"), None)
+        heard = next((e for e in mine if e.kind == "vad_stop" and started is not None and e.t_ms >= started), None)
+        if heard is None:
+            return False, "the agent never took the caller's turn: its VAD did not close a turn", None
+        text = turn.text or ""
+    else:
+        return False, f"a {turn.kind} turn has no caller input to transcribe", None
+    needle, excluded = exp.params.get("text_contains"), exp.params.get("text_excludes")
+    if needle is not None and _words(needle) not in _words(text):
+        what = _quote(text) if text else "no words (a WAV turn: give user: beside audio:)"
+        return False, f"the caller's turn was {what}, which does not contain {needle!r}", None
+    if excluded is not None and _words(excluded) in _words(text):
+        return False, f"the caller's turn was {_quote(text)}, which contains {excluded!r}", None
+    value = heard.t_ms - since if since is not None else None
+    return True, f"the agent took the turn {_quote(text)} at {_ms(heard.t_ms)}", value
+
+
+def _agent_side(
+    mine: list[Event], exp: Expectation, anchor: float | None, events: list[Event]
+) -> tuple[bool, str, float | None]:
+    """pipecat's speaking, interruption and llm_started events, as the first of ours they map to."""
+    kinds = _EVENT_KINDS[exp.event]
+    user_side = exp.event.startswith(("user_", "vad_"))
+    since = _turn_start(mine) if user_side else anchor
+    found = [e for e in mine if e.kind in kinds and not e.data.get("already_quiet")]
+    if not user_side and anchor is not None:
+        found = [e for e in found if e.t_ms >= anchor]
+    if exp.event == "bot_interrupted":
+        found = [e for e in found if any(b.kind == "barge_in" and b.t_ms <= e.t_ms for b in mine)]
+    if not found:
+        return False, f"no {' or '.join(kinds)} in this turn" + _ending(events), None
+    hit = found[0]
+    return True, f"{hit.kind} at {_ms(hit.t_ms)}", (hit.t_ms - since if since is not None else None)
+
+
+def _absent(mine: list[Event], exp: Expectation, anchor: float | None) -> tuple[bool, str, float | None]:
+    """pipecat's `absent: true`: no such event in the turn (within within_ms of the anchor, if given)."""
+    kinds = _EVENT_KINDS[exp.event]
+    since = _turn_start(mine) if exp.event.startswith(("user_", "vad_")) else anchor
+    found = [e for e in mine if e.kind in kinds and not e.data.get("already_quiet")]
+    if exp.event in REPLY_EVENTS:
+        found = [e for e in found if spoken(e)]
+    if since is not None:
+        found = [e for e in found if e.t_ms >= since]
+        if exp.within_ms is not None:
+            found = [e for e in found if e.t_ms - since <= exp.within_ms]
+    if found:
+        what = f"{found[0].kind} at {_ms(found[0].t_ms)}"
+        if found[0].kind == "agent_text":
+            what += f": {_quote(spoken(found[0]))}"
+        return False, what, None
+    return True, f"no {' or '.join(kinds)} in this turn", None
+
+
 # whole conversation and events within a turn
 
 
@@ -168,20 +300,26 @@ def _happened(
         return True, f"entered at {_ms(hit.t_ms)}{_turn_of(hit)}", after(hit)
     if exp.event == "function_call":
         calls = [e for e in events if e.kind == "tool_call"]
-        wanted = p.get("arguments") or {}
-        hit = next(
-            (
-                e
-                for e in calls
-                if e.data.get("name") == p["name"] and _subset(wanted, e.data.get("arguments") or {})
-            ),
-            None,
-        )
-        if hit is None:
-            what = f"{p['name']} with arguments {wanted}" if wanted else p["name"]
-            seen = ", ".join(_call(e) for e in calls) or "none"
-            return False, f"no tool_call {what}; calls {where}: [{seen}]", None
-        return True, f"{_call(hit)} at {_ms(hit.t_ms)}", after(hit)
+        hits: list[Event] = []
+        for name, wanted in exp.calls:  # each wanted call matches a call of its own, in any order
+            hit = next(
+                (
+                    e
+                    for e in calls
+                    if e not in hits
+                    and (name is None or e.data.get("name") == name)
+                    and _subset(wanted or {}, e.data.get("arguments") or {})
+                ),
+                None,
+            )
+            if hit is None:
+                what = name or "any function"
+                what += f" with arguments {wanted}" if wanted else ""
+                seen = ", ".join(_call(e) for e in calls) or "none"
+                return False, f"no tool_call {what}; calls {where}: [{seen}]", None
+            hits.append(hit)
+        last = max(hits, key=lambda e: e.t_ms)
+        return True, ", ".join(f"{_call(e)} at {_ms(e.t_ms)}" for e in hits), after(last)
     if exp.event == "dtmf_sent":
         sent = [e for e in events if e.kind == "dtmf_sent"]
         digits = "".join(str(e.data.get("digits", "")) for e in sent)
@@ -231,7 +369,9 @@ def _describe(exp: Expectation) -> str:
     if exp.event in ("node_reached", "not_node_reached"):
         text = f"{exp.event} {p['node']}"
     elif exp.event == "function_call":
-        text = f"function_call {p['name']}" + (f" {p['arguments']}" if p.get("arguments") else "")
+        text = "function_call " + ", ".join(
+            (name or "(any)") + (f" {args}" if args else "") for name, args in exp.calls
+        )
     elif exp.event == "dtmf_sent":
         text = "dtmf_sent" + (f" {p['digits']!r}" if p.get("digits") else "")
     elif exp.event == "call_ended":
@@ -240,6 +380,11 @@ def _describe(exp: Expectation) -> str:
         text = "call_transferred" + (f" to {p['to']}" if p.get("to") else "")
     else:
         text = exp.event
+        for key, words in (("text_contains", "contains"), ("text_excludes", "excludes")):
+            if p.get(key):
+                text += f" {words} {p[key]!r}"
+    if exp.absent:
+        text = f"no {text}"
     return text + (f" within {exp.within_ms:g} ms" if exp.within_ms is not None else "")
 
 

@@ -2,7 +2,9 @@
 text the CLI prints while it runs (one progress line per run, then the summary table).
 
 Latency columns are nearest-rank percentiles (`expect.percentile`) over every measurement of every
-run of a scenario on one transport.
+run of a scenario on one transport. A skipped check (one that could not be decided: no judge could be
+reached, or an event the agent has no counterpart for) is never counted as passed: a run with one and
+no failure is SKIP, listed with the reason under "Skipped checks", `<skipped>` in JUnit.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def report_dict(results: list[RunResult], limit_checks: dict[str, list[Check]]) 
             "transport": transport,
             "runs": len(runs),
             "runs_passed": sum(r.passed for r in runs),
+            "runs_skipped": sum(r.status == "skip" for r in runs),
             "limits_passed": all(c.passed for c in limits),
         }
         for key, values in _measured(runs).items():
@@ -57,22 +60,34 @@ def report_dict(results: list[RunResult], limit_checks: dict[str, list[Check]]) 
     every_limit = [c for checks in limit_checks.values() for c in checks]
     return {
         "passed": all(r.passed for r in results) and all(c.passed for c in every_limit),
+        "status": session_status(results, limit_checks),
         "summary": summary,
         "runs": [r.to_dict() for r in results],
         "limits": {scenario: [c.to_dict() for c in checks] for scenario, checks in limit_checks.items()},
     }
 
 
+def session_status(results: list[RunResult], limit_checks: dict[str, list[Check]] | None = None) -> str:
+    """"fail" when a run or a limit failed, else "skip" when a check was skipped, else "pass"."""
+    limits = [c for checks in (limit_checks or {}).values() for c in checks]
+    if any(r.status == "fail" for r in results) or any(c.failed for c in limits):
+        return "fail"
+    return "skip" if any(r.status == "skip" for r in results) else "pass"
+
+
 def progress_line(result: RunResult, runs: int | None = None) -> str:
-    """One line per finished run: `PASS  order status  run 2/5  twilio  first audio p50 612 ms  0 failed`."""
+    """One line per finished run: `PASS  order status  run 2/5  twilio  first audio p50 612 ms  0 failed`
+    (and `, 2 skipped` when checks could not be decided; such a run without failures is SKIP)."""
     first_audio = result.measurements()["first_audio_ms"]
     p50 = f"{percentile(first_audio, 50):.0f} ms" if first_audio else "-"
-    failed = sum(not c.passed for c in result.checks) + (result.error is not None)
+    failed = sum(c.failed for c in result.checks) + (result.error is not None)
+    skipped = sum(c.skipped for c in result.checks)
     total = f"/{runs}" if runs else ""
     line = (
-        f"{'PASS' if result.passed else 'FAIL'}  {result.scenario}  run {result.run}{total}  "
+        f"{result.status.upper()}  {result.scenario}  run {result.run}{total}  "
         f"{result.transport}  first audio p50 {p50}  {failed} failed"
     )
+    line += f", {skipped} skipped" if skipped else ""
     return line + (f"  (error: {_one_line(result.error)})" if result.error else "")
 
 
@@ -87,18 +102,22 @@ def summary_table(results: list[RunResult], limit_checks: dict[str, list[Check]]
         measured = _measured(runs)
         limits = limit_checks.get(scenario, [])
         limit_cell = "-" if not limits else f"{sum(c.passed for c in limits)}/{len(limits)} met"
+        skipped = sum(r.status == "skip" for r in runs)
+        runs_cell = f"{sum(r.passed for r in runs)}/{len(runs)}" + (f" ({skipped} skipped)" if skipped else "")
         rows.append(
-            f"| {_cell(scenario)} | {transport} | {sum(r.passed for r in runs)}/{len(runs)} | "
+            f"| {_cell(scenario)} | {transport} | {runs_cell} | "
             f"{_pair(measured['first_audio_ms'])} | {_pair(measured['barge_in_stop_ms'])} | {limit_cell} |"
         )
-    failures = []
+    failures, skips = [], []
     for r in results:
         where = f"{r.scenario} [run {r.run}] ({r.transport})"
         if r.error:
             failures.append(f"- **{where}**: the run did not complete: {_one_line(r.error)}")
         for c in r.checks:
-            if not c.passed:
+            if c.failed:
                 failures.append(f"- **{where}** {c.name}: {c.detail}{_at(r.file, c.line)}")
+            elif c.skipped:
+                skips.append(f"- **{where}** {c.name}: {c.detail}{_at(r.file, c.line)}")
     for scenario, checks in limit_checks.items():
         file = next((r.file for r in results if r.scenario == scenario), "")
         failures += [
@@ -107,6 +126,8 @@ def summary_table(results: list[RunResult], limit_checks: dict[str, list[Check]]
     text = "\n".join(rows) + "\n"
     if failures:
         text += "\n### Failed checks\n\n" + "\n".join(failures) + "\n"
+    if skips:
+        text += "\n### Skipped checks (not decided: neither passed nor failed)\n\n" + "\n".join(skips) + "\n"
     return text
 
 
@@ -121,10 +142,10 @@ def junit_xml(results: list[RunResult], limit_checks: dict[str, list[Check]] | N
     for scenario in limit_checks:  # limits of a scenario with no run still get a suite
         if not any(r.scenario == scenario for r in results):
             by_file.setdefault("", [])
-    totals = {"tests": 0, "failures": 0, "errors": 0}
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     for file, runs in by_file.items():
         suite = ET.SubElement(suites, "testsuite", name=file or "limits")
-        counts = {"tests": 0, "failures": 0, "errors": 0}
+        counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         seconds = 0.0
         for r in runs:
             case = ET.SubElement(
@@ -136,7 +157,8 @@ def junit_xml(results: list[RunResult], limit_checks: dict[str, list[Check]] | N
             )
             seconds += r.duration_ms / 1000
             counts["tests"] += 1
-            failed = [c for c in r.checks if not c.passed]
+            failed = [c for c in r.checks if c.failed]
+            skipped = [c for c in r.checks if c.skipped]
             for c in failed:
                 failure = ET.SubElement(case, "failure", message=f"{c.name}: {c.detail}", type="expectation")
                 failure.text = f"{c.name}\n{c.detail}{_at(file, c.line)}"
@@ -146,6 +168,12 @@ def junit_xml(results: list[RunResult], limit_checks: dict[str, list[Check]] | N
                 counts["errors"] += 1
             elif failed:
                 counts["failures"] += 1
+            elif skipped:
+                note = ET.SubElement(
+                    case, "skipped", message="; ".join(f"{c.name}: {c.detail}" for c in skipped)
+                )
+                note.text = "\n".join(f"{c.name}\n{c.detail}{_at(file, c.line)}" for c in skipped)
+                counts["skipped"] += 1
         scenarios = list(dict.fromkeys(r.scenario for r in runs))
         if not file:
             scenarios = [s for s in limit_checks if not any(r.scenario == s for r in results)]
@@ -202,7 +230,7 @@ def write_timeline(path: Path, result: RunResult) -> Path:
         _draw_spans(ax, events, end_s)
         _draw_markers(ax, events, end_s)
         _draw_latencies(ax, events)
-        verdict = "PASS" if result.passed else "FAIL"
+        verdict = result.status.upper()
         ax.set_title(
             f"{result.scenario}, run {result.run}, {result.transport}: {verdict} "
             f"(latency measured at the {result.transport} wire)",

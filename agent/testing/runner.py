@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from loguru import logger
 
 from flows.tools import forget_local_modules
@@ -29,6 +30,7 @@ from ..runtime import AgentRuntime, model_source
 from ..spec import load_agent
 from .events import Event, RunResult
 from .expect import evaluate
+from .judging import judge_checks
 from .lines import LINES, SLOT, Line
 from .scenario import Scenario, ScenarioFile, Turn
 from .speech import read_wav, synthesize
@@ -36,6 +38,7 @@ from .speech import read_wav, synthesize
 REPLY_BREAK_SECS = 0.3  # quiet that separates two agent replies at the wire
 QUIET_SECS = 0.6  # the agent is done answering once nothing has happened for this long
 TURN_TIMEOUT_SECS = 45.0
+WAIT_SECS = 15.0  # a turn without caller input waits this long for the agent to start (unless its within_ms says)
 
 
 class ScenarioRunner:
@@ -72,6 +75,8 @@ class ScenarioRunner:
             # it booked) must not steer the next.
             forget_local_modules()
             spec = load_agent(self.agent_path(file), model=self.model_override)
+            if scenario.system_prompt is not None:  # the scenario's `context:`
+                spec = spec.model_copy(update={"system_prompt": scenario.system_prompt})
             model = self.model_for(spec)
             line_class = LINES.get(transport)
             if line_class is None:
@@ -96,8 +101,9 @@ class ScenarioRunner:
             result.error = error
             t_ms = 1000 * line.now() if line is not None else 0.0
             result.events.append(Event(t_ms, "error", None, {"message": error}))
-        result.duration_ms = 1000 * (time.monotonic() - started)
         result.checks = evaluate(scenario, result)
+        result.checks[-1:-1] = await judge_checks(scenario, result)  # before "no errors during the call"
+        result.duration_ms = 1000 * (time.monotonic() - started)
         return result
 
 
@@ -131,15 +137,26 @@ async def _play(line: Line, scenario: Scenario, events: list[Event]) -> None:
     for index, turn in enumerate(scenario.turns):
         if line.ended:
             break
+        if turn.kind == "wait":
+            # The first turn starts with the call, so that the greeting is this turn's.
+            if index > 0:
+                await _quiet(line)
+            since = line.now() if index > 0 else 0.0
+            note(since, "caller_wait", index)
+            await _agent_acts(line, since, _wait_secs(turn))
+            await _quiet(line)
+            continue
         if not turn.barges_in:
             await _quiet(line)
         if turn.pause_ms:
             await asyncio.sleep(turn.pause_ms / 1000)
         if turn.kind in ("user", "audio"):
-            pcm = synthesize(turn.text, line.rate) if turn.kind == "user" else read_wav(turn.wav, line.rate)
+            pcm = _speech(turn, line.rate) if turn.kind == "user" else read_wav(turn.wav, line.rate)
             if turn.barges_in:
                 await _barge_in_moment(line, turn, since=last_caller)
             data = {"text": turn.text} if turn.kind == "user" else {"wav": str(turn.wav)}
+            if turn.kind == "audio" and turn.text:
+                data["text"] = turn.text  # what the recording says (pipecat's user: beside audio:)
             start, end = await line.say(pcm)
             note(start, "caller_speech_start", index, **data)
             if turn.barges_in:
@@ -159,6 +176,36 @@ async def _play(line: Line, scenario: Scenario, events: list[Event]) -> None:
             await asyncio.sleep(turn.silence_ms / 1000)
             note(line.now(), "caller_speech_end", index, silence=True)
             last_caller = line.now()
+
+
+def _speech(turn: Turn, rate: int) -> np.ndarray:
+    """The caller's words, with pipecat's `pause_ms` silences between them when the turn has them."""
+    if turn.parts is None:
+        return synthesize(turn.text, rate)
+    pieces = [
+        synthesize(part, rate) if isinstance(part, str) else np.zeros(int(rate * part / 1000), np.int16)
+        for part in turn.parts
+    ]
+    return np.concatenate(pieces)
+
+
+def _wait_secs(turn: Turn) -> float:
+    limits = [e.within_ms / 1000 for e in turn.expect if e.within_ms is not None]
+    return max(limits) if limits else WAIT_SECS
+
+
+async def _agent_acts(line: Line, since: float, timeout: float) -> None:
+    """Wait until the agent does something after `since` (speaks, generates, calls a tool), the call
+    ends, or `timeout` seconds pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and not line.ended:
+        heard = any(is_loud and t >= since for t, is_loud in line.heard())
+        timeline = line.call.timeline if line.call is not None else []
+        did = any(kind in ("agent_text", "tool_call") and t - line.t0 >= since for t, kind, _ in timeline)
+        if heard or did or line.agent_busy():
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _barge_in_moment(line: Line, turn: Turn, since: float) -> None:
@@ -203,7 +250,9 @@ async def _quiet(line: Line, settle: float = QUIET_SECS, timeout: float = TURN_T
 
 
 def _events(line: Line, scenario: Scenario, caller: list[Event], ended_by_agent: bool, end_s: float) -> list[Event]:
-    starts = sorted((e.t_ms, e.turn) for e in caller if e.kind in ("caller_speech_start", "caller_dtmf"))
+    starts = sorted(
+        (e.t_ms, e.turn) for e in caller if e.kind in ("caller_speech_start", "caller_dtmf", "caller_wait")
+    )
 
     def turn_at(t_ms: float) -> int | None:
         turn = None

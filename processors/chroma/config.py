@@ -19,6 +19,7 @@ from transformers.models.qwen2_5_omni import Qwen2_5OmniThinkerConfig
 
 SAMPLE_RATE = 24_000  # the codec's (and the agent's output) rate
 LISTEN_RATE = 16_000  # the thinker's feature extractor rate
+FRAME_SECONDS = 0.08  # one audio frame: 1920 samples at 24 kHz, the codec's frame
 
 
 @strict

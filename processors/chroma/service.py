@@ -57,10 +57,13 @@ from pipecat.utils.text.base_text_aggregator import TextType
 
 from ..audio import StreamResampler
 from ..playout import AudioPlayedFrame, PlayedOutFrame
-from .config import LISTEN_RATE, SAMPLE_RATE
+from .config import FRAME_SECONDS, LISTEN_RATE, SAMPLE_RATE
 from .session_protocol import SpeechSession
+from .settings import ChromaSettings, open_session
 
-FRAME_SECONDS = 0.08  # one Chroma audio frame
+# Without a VAD upstream no turn ever starts; this much loud caller audio with no turn says so.
+NO_TURN_WARN_SECS = 3.0
+SPEECH_RMS = 500.0  # -36 dBFS: well above line noise, well below speech
 # How long past the estimated end of the agent's audio a call action waits to hear it was played out
 # (a transport's lead and a far end's jitter buffer fit well inside it).
 PLAYED_OUT_GRACE_SECS = 3.0
@@ -123,8 +126,11 @@ class ChromaS2SService(LLMService):
 
     def __init__(
         self,
-        session: SpeechSession,
+        session: SpeechSession | None = None,
         *,
+        model=None,
+        voice=None,
+        settings: ChromaSettings | None = None,
         context=None,
         out_rate: int = SAMPLE_RATE,
         preroll_secs: float = 0.5,
@@ -135,7 +141,20 @@ class ChromaS2SService(LLMService):
         """`out_rate`: the rate the call's output transport plays (8000 on the phone). Each reply is
         resampled here and its filter flushed when the reply ends, so no reply's last ~0.1 s waits in
         a streaming resampler for the next reply. `model_error`: what a failed reply is replaced by;
-        without it a failed reply is only reported, and the call goes on."""
+        without it a failed reply is only reported, and the call goes on.
+
+        Built either on a `session` (the agent runtime makes one per call) or, as pipecat services are,
+        from `model` (a preset such as "tiny", a checkpoint folder or a Hugging Face id, loaded once per
+        process), `voice` (a voice folder or a voice library name) and `settings` (`ChromaSettings`)."""
+        if session is None:
+            if model is None or voice is None:
+                raise ValueError(
+                    "ChromaS2SService needs model= (e.g. 'FlashLabs/Chroma-4B', or 'tiny' for a stand-in) "
+                    "and voice= (a voice folder or a library name), or a session"
+                )
+            session = open_session(model, voice, settings)
+        elif model is not None or voice is not None or settings is not None:
+            raise ValueError("ChromaS2SService takes a session or model=/voice=/settings=, not both")
         # Sampling lives in the session; pipecat's text-LLM knobs do not apply to a speech model.
         settings = LLMSettings(
             model=str(getattr(session.model, "source", "chroma")),
@@ -176,6 +195,10 @@ class ChromaS2SService(LLMService):
         self._played_out_markers: list[PlayedOutFrame] = []
         session.on_tool_call = self._tool_call
         self.sent_text = ""
+        # Caller speech heard before any turn started: with no VAD upstream no turn ever starts and the
+        # agent stays silent, so past NO_TURN_WARN_SECS of it the service says so, once.
+        self._speech_without_turn = 0.0
+        self._turn_seen = False
         for name in ("on_turn_started", "on_first_audio", "on_turn_finished", "on_barge_in", "on_input_dropped",
                      "on_tool_call", "on_tool_result", "on_user_speaking", "on_reply_progress", "on_turn_failed"):
             self._register_event_handler(name)
@@ -213,6 +236,7 @@ class ChromaS2SService(LLMService):
             self._played(frame.seconds)
             return
         if isinstance(frame, UserStartedSpeakingFrame):
+            self._turn_seen = True
             self._turn = bytearray(b"".join(self._preroll))
             self._turn_overflow = False
             await self._call_event_handler("on_user_speaking", True)
@@ -245,7 +269,24 @@ class ChromaS2SService(LLMService):
 
     # -- caller audio -------------------------------------------------------------
 
+    def _watch_for_turns(self, frame: InputAudioRawFrame) -> None:
+        samples = np.frombuffer(frame.audio, np.int16)
+        if not samples.size:
+            return
+        if np.sqrt(np.mean(samples.astype(np.float32) ** 2)) >= SPEECH_RMS:
+            self._speech_without_turn += samples.size / (frame.num_channels * frame.sample_rate)
+        if self._speech_without_turn >= NO_TURN_WARN_SECS:
+            self._turn_seen = True  # warn once
+            logger.warning(
+                f"{self}: {self._speech_without_turn:.0f} s of caller speech reached the service and no "
+                "user turn started, so it will never reply. Nothing upstream detects turns: give the user "
+                "aggregator a VAD, e.g. LLMContextAggregatorPair(context, user_params="
+                "LLMUserAggregatorParams(vad_analyzer=SileroVADAnalyzer()))"
+            )
+
     def _hear(self, frame: InputAudioRawFrame) -> None:
+        if not self._turn_seen and not self.speaking:
+            self._watch_for_turns(frame)
         audio = frame.audio
         if frame.num_channels != 1:
             audio = np.frombuffer(audio, np.int16).reshape(-1, frame.num_channels).mean(1).astype(np.int16).tobytes()

@@ -168,7 +168,7 @@ def test_a_tool_module_next_to_the_flow_is_imported_and_its_faults_reported(tmp_
         f"{path}:16: tools.mismatch.python: 'good_tools:lookup': the function takes no argument 'order', which parameters declares",
         f"{path}:16: tools.mismatch.python: 'good_tools:lookup': the function needs argument 'order_id', which parameters does not declare",
         f"{path}:23: nodes.b.functions[0].description: only a transition_only function takes a description; "
-        "a tool's description goes in its declaration under tools:",
+        "a handler describes itself in its docstring, a tool in its declaration under tools:",
     ]
 
 
@@ -267,7 +267,9 @@ def test_action_arguments_are_checked(tmp_path):
     assert lines[3] == f"{path}:10: nodes.a.pre_actions[4].after: unknown key"
     assert lines[4] == (
         f"{path}:12: nodes.a.pre_actions[6].type: 'hangup' is not allowed; "
-        "expected one of end_call, transfer_call, send_dtmf, play, say"
+        "expected one of tts_say, end_conversation, function, end_call, transfer_call, send_dtmf, play, say, "
+        "or a custom type with handler: naming a function in the handlers module (or registered by its "
+        "register_actions)"
     )
 
 

@@ -160,9 +160,9 @@ TURN_CASES = [
         "scenarios[0].turns[0].dtmf",
         "'12x' is not allowed; expected a quoted string of DTMF",
     ),
-    ("      - dtmf: 1234", 4, "scenarios[0].turns[0].dtmf", "1234 is not allowed"),
+    ("      - dtmf: -12", 4, "scenarios[0].turns[0].dtmf", "-12 is not allowed"),
     ("      - audio: missing.wav", 4, "scenarios[0].turns[0].audio", "'missing.wav' not found"),
-    ("      - audio: script.py", 4, "scenarios[0].turns[0].audio", "is not a WAV file"),
+    ("      - audio: script.py", 4, "scenarios[0].turns[0].audio", "'script.py' is not usable audio: not audio"),
     ("      - silence_ms: -1", 4, "scenarios[0].turns[0].silence_ms", "-1 is not allowed"),
     (
         "      - user: hi\n        pause_ms: soon",
@@ -176,7 +176,12 @@ TURN_CASES = [
         "scenarios[0].turns[0]",
         "has user and dtmf; expected exactly one of",
     ),
-    ("      - pause_ms: 3", 4, "scenarios[0].turns[0]", "has none; expected exactly one of user, audio"),
+    (
+        "      - pause_ms: 3\n        barge_in_after_ms: 3",
+        5,
+        "scenarios[0].turns[0].barge_in_after_ms",
+        "not allowed on a no-input turn",
+    ),
     (
         "      - silence_ms: 5\n        barge_in_after_ms: 3",
         5,
@@ -208,7 +213,7 @@ TURN_CASES = [
         "'call_ended' is not allowed in a turn's expect",
     ),
     (
-        "      - user: hi\n        expect:\n          - event: bot_stopped_speaking\n            within_ms: 300",
+        "      - user: hi\n        expect:\n          - event: kept_text_prefix",
         6,
         "scenarios[0].turns[0].expect[0].event",
         "needs a barge-in turn",
@@ -220,16 +225,17 @@ TURN_CASES = [
         "-2 is not allowed",
     ),
     (
-        "      - user: hi\n        expect:\n          - event: function_call\n            arguments: {a: 1}",
-        6,
-        "scenarios[0].turns[0].expect[0].name",
-        "missing; function_call needs name",
-    ),
-    (
-        "      - user: hi\n        expect:\n          - event: function_call\n            name: f\n            args: {a: 1}",
+        "      - user: hi\n        expect:\n          - event: function_call\n            arguments: {a: 1}\n"
+        "            args: {a: 1}",
         8,
         "scenarios[0].turns[0].expect[0].args",
-        "unknown key for function_call; did you mean 'arguments'?",
+        "not allowed with arguments",
+    ),
+    (
+        "      - user: hi\n        expect:\n          - event: function_call\n            nme: f",
+        7,
+        "scenarios[0].turns[0].expect[0].nme",
+        "unknown key for function_call; did you mean 'name'?",
     ),
     ("      - user: ''", 4, "scenarios[0].turns[0].user", "'' is not allowed; expected the caller's words"),
 ]
@@ -357,10 +363,11 @@ def test_every_problem_is_listed_at_once_in_line_order(folder):
                 barge_in_after_ms: -5
             expect:
               - event: function_call
+                name: ""
         """,
     )
     found = problems(path)
-    assert [p.split(": ")[0] for p in found] == [f"{path}:3", f"{path}:5", f"{path}:7", f"{path}:9"]
+    assert [p.split(": ")[0] for p in found] == [f"{path}:3", f"{path}:5", f"{path}:7", f"{path}:10"]
     assert found[2] == (
         f"{path}:7: scenarios[0].turns[1].barge_in_after_ms: -5 is not allowed; "
         "expected a number of milliseconds >= 0"
