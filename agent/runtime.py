@@ -153,6 +153,8 @@ class AgentRuntime:
         # Calls promised a session whose pipeline does not exist yet (a SIP call answered, awaiting its
         # ACK): they count against max_sessions like running calls.
         self.reserved: set[str] = set()
+        # Set once by a graceful drain (agent/drain.py): no new call is taken from then on.
+        self.draining = False
         self._engine_failed = False
         self.reasoner = reasoner
         if model is None:
@@ -237,9 +239,12 @@ class AgentRuntime:
         self._engine_failed = False
         return state
 
-    def busy_reason(self, state: dict | None = None) -> str | None:
+    def busy_reason(self, state: dict | None = None, *, promised: bool = False) -> str | None:
         """Why one more call cannot be taken now, or None when it can. `state`: engine_state(), if the
-        caller has it already."""
+        caller has it already. `promised`: the call was accepted before a drain began (a Twilio stream
+        its webhook answered), so a drain alone does not refuse it."""
+        if self.draining and not promised:
+            return "draining"
         state = self.engine_state() if state is None else state
         if state is not None and state.get("error"):
             return f"engine status unavailable: {state['error']}"

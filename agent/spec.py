@@ -292,6 +292,13 @@ class AgentSpec(_Section):
         description="Calls the model serves at once, all transports together; beyond it new calls get each "
         "transport's busy answer (a call must also fit its transport's max_calls).",
     )
+    drain_seconds: Number = Field(
+        30,
+        ge=0,
+        le=3600,
+        description="On SIGTERM or POST /admin/drain: how long live calls may go on while the server takes no "
+        "new ones; calls still live then hear a short goodbye and are hung up.",
+    )
     voice: NonEmptyText = Field(
         description="The cloned voice the agent speaks in: a name from the voice library, or a voice folder "
         "(holding voice.yaml) relative to the agent file, such as ./voices/ava."
