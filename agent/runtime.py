@@ -14,6 +14,7 @@ moment its pipeline starts, with the flow's tools and telephony actions bound to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import time
@@ -44,8 +45,15 @@ from processors.chroma.checkpoint import load_model
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.generation import Sampling, ThinkerStream
 from processors.chroma.modeling import ChromaModel
+from processors.chroma.remote import RemoteEngine, RemoteSession
 from processors.chroma.scheduler import FrameScheduler
-from processors.chroma.service import FRAME_SECONDS, ChromaS2SService, ModelErrorAudio, render_line
+from processors.chroma.service import (
+    FRAME_SECONDS,
+    CallActionFrame,
+    ChromaS2SService,
+    ModelErrorAudio,
+    render_line,
+)
 from processors.playout import PlayoutTracker
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
@@ -73,6 +81,8 @@ LINE_SECS_PER_CHAR = 0.09
 LINE_LEAD_SECS = 1.0
 # How often the page hears how a reply is going (its text and length so far), at most.
 PROGRESS_EVERY_SECS = 0.5
+# A call whose engine connection was lost has this long to say its goodbye before it is ended anyway.
+LOST_ENGINE_END_SECS = 20.0
 
 
 def model_source(source: str) -> str:
@@ -157,6 +167,13 @@ class AgentRuntime:
         self.draining = False
         self._engine_failed = False
         self.reasoner = reasoner
+        if model is None and spec.engine is not None:
+            # The engine service's model serves the calls; this process runs only their pipelines.
+            if reasoner is not None:
+                raise ValueError("a reasoner picks the thinker's tokens inside the engine; give it to the engine's "
+                                 "EngineServer, not to a runtime whose agent file names an engine")
+            logger.info(f"agent {spec.name!r}: using the engine at {spec.engine}")
+            model = RemoteEngine(spec.engine)  # EngineUnreachable names the URL when nothing answers
         if model is None:
             device = None if spec.device == "auto" else spec.device
             source = model_source(spec.model_source)
@@ -165,6 +182,8 @@ class AgentRuntime:
         self.model = model
         if self.engine_status is None and isinstance(model, ChromaModel):
             self.engine_status = FrameScheduler.for_model(model).status
+        if self.engine_status is None and isinstance(model, RemoteEngine):
+            self.engine_status = model.status
         self.model_name = Path(str(model.source)).name if Path(str(model.source)).is_dir() else str(model.source)
         self.stand_in = bool(model.config.is_tiny)
         if self.stand_in:
@@ -175,6 +194,8 @@ class AgentRuntime:
         self.metrics = metrics or ServerMetrics()
         self.calls: dict[str, Call] = {}
         self.metrics.set_gauges("runtime", self._gauges)
+        if isinstance(model, RemoteEngine):
+            self.metrics.set_gauges("engine", model.gauges)
         # Filled in by prepare(); until then a failed reply is reported but nothing plays in its place.
         self.model_error_audio = ModelErrorAudio(hang_up_after=spec.response.on_model_error.hang_up_after)
         self._prepared = False
@@ -198,7 +219,11 @@ class AgentRuntime:
         frames = min(r.max_frames, math.ceil((LINE_LEAD_SECS + LINE_SECS_PER_CHAR * len(text)) / FRAME_SECONDS))
         try:
             session = self.model.new_session(self.voice, "", chunk_frames=r.chunk_frames, max_frames=frames)
-            return await render_line(session, text)
+            try:
+                return await render_line(session, text)
+            finally:
+                if isinstance(session, RemoteSession):
+                    session.close()
         except Exception:
             logger.exception(f"could not render {text!r} for when the model fails; such replies will be silent")
             return None
@@ -399,8 +424,29 @@ class Call:
             conversation_id=call_id,
         )
         self._wire_events()
+        if isinstance(self.service.session, RemoteSession):
+            self.service.session.on_lost = self._engine_lost
         if self.flow is not None:
             self._start_flow()
+
+    def _engine_lost(self, reason: str) -> None:
+        """The remote engine can no longer serve this call: it ends the way a failing model ends a call
+        (response.on_model_error's goodbye, then hang-up), at once rather than after several turns, and
+        within LOST_ENGINE_END_SECS whatever becomes of the goodbye."""
+        self.note("engine_lost", reason=reason)
+        service = self.service
+        if service.model_error is not None:
+            service.model_error = dataclasses.replace(service.model_error, hang_up_after=1)
+        loop = asyncio.get_running_loop()
+        if not service.speaking:  # no reply under way to fail: ask for one, which fails at once
+            goodbye = self.runtime.spec.response.on_model_error.goodbye
+            loop.create_task(self.worker.queue_frame(CallActionFrame(say=goodbye)))
+
+        def end_now() -> None:
+            if self.stats.ended is None and self._ending is None:
+                self._ending = loop.create_task(self.cancel(reason="the engine connection was lost"))
+
+        loop.call_later(LOST_ENGINE_END_SECS, end_now)
 
     def _start_flow(self) -> None:
         manager = FlowManager(
@@ -531,5 +577,7 @@ class Call:
             metrics.call_ended()
             self.runtime.calls.pop(self.stats.call_id, None)
             self.service.session.cancel()
+            if isinstance(self.service.session, RemoteSession):
+                self.service.session.close()  # the engine frees the call's session
             logger.info(self.stats.summary())
         return self.stats
