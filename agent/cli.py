@@ -6,6 +6,7 @@
         --input user.wav --output reply.wav
     chroma-agent flow check examples/flows/customer_service/flow.yaml   # exit 1 and list every problem
     chroma-agent voice add ava --audio ava.flac --transcript "..." --consent-by "Ava Smith"   # and list, check, remove
+    chroma-agent engine --model tiny --port 7400     # the model as a service: agent files say engine: grpc://...
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
 `run` to a function taking the parsed args and returning an exit code; list it in
@@ -281,11 +282,14 @@ def _spec(agent_path: str, model: str | None):
 
 def _runtime_for(spec, agent_path: str):
     from processors.chroma.checkpoint import CheckpointError
+    from processors.chroma.remote import EngineUnavailable
 
     from .runtime import AgentRuntime
 
     try:
         return AgentRuntime(spec)
+    except EngineUnavailable as exc:
+        raise UsageError(f"{agent_path}: engine: {exc}") from None
     except AudioFileError as exc:
         raise UsageError(f"{agent_path}: voice.audio: {exc}") from None
     except CheckpointError as exc:
@@ -373,6 +377,12 @@ def _add_voice(subparsers) -> None:
     declare(subparsers, UsageError)
 
 
+def _add_engine(subparsers) -> None:
+    from .engine_command import declare
+
+    declare(subparsers, UsageError)
+
+
 def _add_test(subparsers) -> None:
     from agent.testing.command import declare
 
@@ -432,7 +442,7 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test]
+SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_engine]
 
 
 def package_version() -> str:
