@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from typing import Any
 
 import grpc
@@ -318,3 +320,58 @@ async def serve_engine(model, host: str, port: int, *, max_sessions: int, ready:
         await server.wait()
     finally:
         await server.stop(2.0)
+
+
+class EngineThread:
+    """An `EngineServer` on a thread of its own, with its own event loop (tests and benchmarks):
+
+        with EngineThread(model) as url:      # grpc://127.0.0.1:PORT
+            ...
+    """
+
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 0, **server_args):
+        self.server = EngineServer(model, **server_args)
+        self._address = (host, port)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> str:
+        started: Future = Future()
+
+        def run() -> None:
+            async def main() -> None:
+                try:
+                    port = await self.server.start(*self._address)
+                except BaseException as exc:
+                    started.set_exception(exc)
+                    return
+                self._loop = asyncio.get_running_loop()
+                self._stopped = asyncio.Event()
+                started.set_result(port)
+                await self._stopped.wait()  # not the server's own end: stop() finishes first
+
+            asyncio.run(main())
+
+        self._thread = threading.Thread(target=run, name="engine-server", daemon=True)
+        self._thread.start()
+        self.url = f"grpc://{self._address[0]}:{started.result(timeout)}"
+        return self.url
+
+    def stop(self, grace: float | None = 0.0, timeout: float = 30.0) -> None:
+        async def stop() -> None:
+            try:
+                await self.server.stop(grace)
+            finally:
+                self._stopped.set()
+
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
