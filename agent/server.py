@@ -356,8 +356,7 @@ class DrainingServer(uvicorn.Server):
             # A signal handler runs between bytecodes of whatever the loop was doing: start it there.
             loop.call_soon_threadsafe(begin_drain, self.app)
             return
-        if self.drain_asked:
-            self.force_exit = True
+        # Not force_exit: that would skip the app's shutdown, which hangs up the calls left (SIP BYE).
         super().handle_exit(sig, frame)
 
 
