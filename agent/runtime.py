@@ -273,6 +273,8 @@ class AgentRuntime:
         state = self.engine_state() if state is None else state
         if state is not None and state.get("error"):
             return f"engine status unavailable: {state['error']}"
+        if state is not None and state.get("full"):  # a shared engine's sessions, all call servers together
+            return f"engine at capacity: {state.get('open_sessions')} of its max_sessions {state.get('max_sessions')}"
         if state is not None and state.get("behind_real_time"):
             return "engine behind real time"
         if self.sessions >= self.max_sessions:

@@ -171,14 +171,12 @@ class RemoteEngine:
 
     def status(self) -> dict:
         """The engine's last status (its scheduler's, plus open_sessions and max_sessions), at most
-        `status_every` old; EngineUnavailable when the engine has not answered lately. A full engine
-        reads as behind real time for this server: one more call would not get a session."""
+        `status_every` old; EngineUnavailable when the engine has not answered lately. `full`: one more
+        call would not get a session (the engine's max_sessions, all call servers together)."""
         if not self.connected:
             raise EngineUnavailable(f"engine {self.url}: {self._status_error or 'no status for a while'}")
         status = dict(self._status)
-        if status.get("open_sessions", 0) >= status.get("max_sessions", float("inf")):
-            status["behind_real_time"] = True
-            status["full"] = True
+        status["full"] = status.get("open_sessions", 0) >= status.get("max_sessions", float("inf"))
         return status
 
     def gauges(self) -> Iterator[tuple[str, str, float]]:
