@@ -263,11 +263,11 @@ class HAProxy(_Process):
 
     name = "haproxy"
 
-    def __init__(self, folder: Path, http_ports: list[int], *, check_ms: int = 500):
+    def __init__(self, folder: Path, http_ports: list[int], *, check_ms: int = 500, port: int | None = None):
         super().__init__(folder)
         if HAPROXY is None:
             raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
-        self.port = free_port()
+        self.port = port or free_port()
         config = DEPLOY.joinpath("haproxy.cfg").read_text()
         servers = "".join(f"\tserver server-{i} {HOST}:{port}\n" for i, port in enumerate(http_ports))
         config, count = re.subn(r"(?m)^\tserver call-\d+ .*\n", "", config)
@@ -297,3 +297,66 @@ class HAProxy(_Process):
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"haproxy not passing requests on {self.port} after {timeout:.0f} s:\n{self.log()[-3000:]}")
+
+
+SIPP = shutil.which("sipp")
+SIPP_CALL = ROOT / "tests" / "transports" / "sip" / "scenarios" / "uac_call.xml"  # INVITE, ACK, hold, BYE
+
+
+class SippRun:
+    """SIPp placing `calls` calls (uac_call.xml: Record-Route honoured) to HOST:port, `rate` a second, each
+    held `hold_ms`. `start()`, then `finish()` for the counts: successful and failed calls, and each
+    call's INVITE → 200 OK time in ms."""
+
+    def __init__(self, folder: Path, port: int, *, calls: int, rate: float = 10, hold_ms: int = 500, timeout: float = 60):
+        if SIPP is None:
+            raise RuntimeError("sipp is not installed (apt-get install sip-tester)")
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        self.command = [
+            SIPP, f"{HOST}:{port}", "-sf", str(SIPP_CALL), "-s", "agent", "-i", HOST,
+            "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port_range(4)),
+            "-m", str(calls), "-l", str(calls), "-r", str(rate), "-d", str(hold_ms), "-nostdin",
+            "-timeout", f"{int(timeout)}s", "-timeout_error", "-trace_err", "-trace_stat", "-fd", "1",
+            "-trace_rtt", "-rtt_freq", "1",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.successful = self.failed = 0
+        self.invite_ok_ms: list[float] = []
+
+    def start(self) -> SippRun:
+        self._log = open(self.folder / "sipp.log", "w")  # noqa: SIM115 - closed in finish()
+        self.proc = subprocess.Popen(self.command, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def finish(self) -> SippRun:
+        try:
+            self.returncode = self.proc.wait(timeout=self.timeout + 20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait(timeout=10)
+        finally:
+            self._log.close()
+        stats = sorted(self.folder.glob("*_[0-9]*_.csv"))
+        if stats:
+            lines = [line.split(";") for line in stats[-1].read_text().splitlines() if line.strip()]
+            row = dict(zip(lines[0], lines[-1], strict=False))
+            self.successful = int(row.get("SuccessfulCall(C)", 0))
+            self.failed = int(row.get("FailedCall(C)", 0))
+        for path in self.folder.glob("*_rtt.csv"):
+            for line in path.read_text().splitlines()[1:]:
+                fields = line.split(";")
+                if len(fields) >= 2:
+                    try:
+                        self.invite_ok_ms.append(float(fields[1]))
+                    except ValueError:
+                        pass
+        return self
+
+    def errors(self) -> str:
+        text = (self.folder / "sipp.log").read_text(errors="replace")[-2000:]
+        for path in self.folder.glob("*_errors.log"):
+            text += "\n" + path.read_text(errors="replace")[-2000:]
+        return text
