@@ -101,6 +101,7 @@ class RemoteChunk:
     frames: tuple[int, int]  # [start, end) frames within the reply
     text: str  # the reply's text up to `end`
     codes: np.ndarray | None  # [end - start, num_codebooks] int32, where the engine sends them
+    made: float = 0.0  # when the engine had it: time.monotonic() on the engine's host
 
 
 class RemoteEngine:
@@ -306,7 +307,8 @@ class RemoteSession:
             if kind == "chunk":
                 codes = message.arrays.get("codes")
                 frames = tuple(message["frames"])
-                queue.put_nowait(RemoteChunk(message.arrays["audio"], frames, message["text"], codes))
+                chunk = RemoteChunk(message.arrays["audio"], frames, message["text"], codes, message.get("made", 0.0))
+                queue.put_nowait(chunk)
             elif kind == "end":
                 queue.put_nowait(_END)
             else:
