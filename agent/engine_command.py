@@ -20,17 +20,30 @@ def declare(subparsers, usage_error: type[Exception]) -> None:
     p = subparsers.add_parser(
         "engine",
         help="serve the model to call servers over gRPC (agent files then say engine: grpc://HOST:PORT)",
-        description="Load the model once and serve engine sessions over gRPC: every call of every call server "
-        "whose agent file says `engine: grpc://HOST:PORT` is batched in this process's scheduler.",
+        description="Load the model once and serve engine sessions over gRPC: every call of every call "
+        "server whose agent file says `engine: grpc://HOST:PORT` is batched in this process's scheduler.",
     )
     p.add_argument("--model", required=True, help="'tiny', a checkpoint folder or a Hugging Face id")
-    p.add_argument("--device", default=None, metavar="cpu|cuda", help="device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device", default=None, metavar="cpu|cuda", help="device (default: cuda if available, else cpu)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
-    p.add_argument("--max-sessions", type=int, default=64, metavar="N",
-                   help="calls served at once, all call servers together; more are refused (default: 64)")
-    p.add_argument("--log-level", default=argparse.SUPPRESS, choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="log detail (default: INFO)")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})"
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=64,
+        metavar="N",
+        help="calls served at once, all call servers together; more are refused (default: 64)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log detail (default: INFO)",
+    )
     p.set_defaults(run=lambda args: _run(args, usage_error))
 
 
@@ -57,7 +70,10 @@ async def _serve(model, args: argparse.Namespace) -> None:
 
     server = EngineServer(model, max_sessions=args.max_sessions)
     port = await server.start(args.host, args.port)
-    print(f"serving grpc://{args.host}:{port} (put `engine: grpc://{args.host}:{port}` in the agent files)", flush=True)
+    print(
+        f"serving grpc://{args.host}:{port} (put `engine: grpc://{args.host}:{port}` in the agent files)",
+        flush=True,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

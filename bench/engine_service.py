@@ -12,7 +12,8 @@
    added per chunk (median) at 16 sessions.
 2. **Call servers** (stand-in engine): one engine service answering every turn with bench.pipeline's
    2 s tone, and 1 or 2 call-server processes (bench.pipeline's Twilio server, its engine being the
-   service) under pipecat_baseline.py's load generator, the calls split evenly. "Carried": every reply
+   service) under pipecat_baseline.py's load generator, the calls split evenly; and, to weigh them
+   against, bench.pipeline's server with the same stand-in in process. "Carried": every reply
    complete and no gap heard, in every server. Needs espeak-ng and pipecat_baseline.py.
 
 It prints Markdown tables and labels the target met or not; it never fails on a miss.
@@ -72,9 +73,25 @@ class EngineProcess:
     def __enter__(self) -> str:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "engine", "--model", "tiny", "--device", "cpu",
-             "--port", str(self.port), "--max-sessions", str(self.max_sessions), "--log-level", "WARNING"],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "engine",
+                "--model",
+                "tiny",
+                "--device",
+                "cpu",
+                "--port",
+                str(self.port),
+                "--max-sessions",
+                str(self.max_sessions),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         from processors.chroma.remote import EngineUnreachable, RemoteEngine
 
@@ -104,7 +121,9 @@ class EngineProcess:
 
 def _voice() -> tuple[np.ndarray, str]:
     t = np.arange(24000 * 2) / 24000
-    return (0.2 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), "Hello, this is the voice of the benchmark."
+    return (0.2 * np.sin(2 * np.pi * 180 * t)).astype(
+        np.float32
+    ), "Hello, this is the voice of the benchmark."
 
 
 def _turn(seconds: float, seed: int) -> np.ndarray:
@@ -161,11 +180,13 @@ def run_overhead(args, folder: Path) -> dict:
         engine = RemoteEngine(url)
         for count in args.sessions:
             log(f"overhead: {count} session(s) in process")
-            local = _measure(lambda **kw: model.new_session(voice, SYSTEM_PROMPT, **kw), count, args.frames,
-                             args.repeats)
+            local = _measure(
+                lambda **kw: model.new_session(voice, SYSTEM_PROMPT, **kw), count, args.frames, args.repeats
+            )
             log(f"overhead: {count} session(s) through the engine service")
-            remote = _measure(lambda **kw: engine.new_session(voice, SYSTEM_PROMPT, **kw), count, args.frames,
-                              args.repeats)
+            remote = _measure(
+                lambda **kw: engine.new_session(voice, SYSTEM_PROMPT, **kw), count, args.frames, args.repeats
+            )
             rows[count] = {
                 "ttfa_local_p50": statistics.median(local["ttfa"]),
                 "ttfa_remote_p50": statistics.median(remote["ttfa"]),
@@ -182,11 +203,11 @@ def run_overhead(args, folder: Path) -> dict:
 
 def overhead_table(res: dict) -> str:
     lines = [
-        f"### Through the engine service vs in process (tiny model, CPU, loopback; {res['frames']} frames per "
-        f"reply, {res['repeats']} turn(s) per session)",
+        f"### Through the engine service vs in process (tiny model, CPU, loopback; {res['frames']} frames "
+        f"per reply, {res['repeats']} turn(s) per session)",
         "",
-        "| sessions | TTFA in process p50 / p90 (ms) | TTFA via service p50 / p90 (ms) | added per chunk p50 / p95 / "
-        "max (ms) | chunks | target |",
+        "| sessions | TTFA in process p50 / p90 (ms) | TTFA via service p50 / p90 (ms) "
+        "| added per chunk p50 / p95 / max (ms) | chunks | target |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for count, r in sorted(res["rows"].items(), key=lambda kv: int(kv[0])):
@@ -195,9 +216,10 @@ def overhead_table(res: dict) -> str:
             met = r["added_p50"] * 1000 <= CHUNK_TARGET_MS
             target = f"{'met' if met else 'missed'} (<= {CHUNK_TARGET_MS:g} ms p50)"
         lines.append(
-            f"| {count} | {ms(r['ttfa_local_p50'])} / {ms(r['ttfa_local_p90'])} | {ms(r['ttfa_remote_p50'])} / "
-            f"{ms(r['ttfa_remote_p90'])} | {ms(r['added_p50'])} / {ms(r['added_p95'])} / {ms(r['added_max'])} | "
-            f"{r['chunks']} | {target} |"
+            f"| {count} | {ms(r['ttfa_local_p50'])} / {ms(r['ttfa_local_p90'])} "
+            f"| {ms(r['ttfa_remote_p50'])} / {ms(r['ttfa_remote_p90'])} "
+            f"| {ms(r['added_p50'])} / {ms(r['added_p95'])} / {ms(r['added_max'])} "
+            f"| {r['chunks']} | {target} |"
         )
     return "\n".join(lines)
 
@@ -223,7 +245,11 @@ def cmd_callserver(args) -> int:
 def _load_tool(path: str | None) -> Path | None:
     from bench.pipeline.common import BASELINE_TOOL
 
-    candidates = [Path(path)] if path else [BASELINE_TOOL, ROOT.parent.parent / "shared" / "tools" / BASELINE_TOOL.name]
+    candidates = (
+        [Path(path)]
+        if path
+        else [BASELINE_TOOL, ROOT.parent.parent / "shared" / "tools" / BASELINE_TOOL.name]
+    )
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -231,9 +257,27 @@ def _run_load(tool: Path, server, calls: int, seconds: float, caller_wav: Path, 
     from bench.pipeline.common import CALLER_SILENCE_SECS, CALLER_SPEECH_SECS, REPLY_SECS
 
     report = folder / f"load-{server.port}-{calls}.json"
-    command = [sys.executable, str(tool), "load", "--url", server.url, "--calls", str(calls), "--seconds",
-               str(seconds), "--caller-wav", str(caller_wav), "--speech-secs", str(CALLER_SPEECH_SECS),
-               "--silence-secs", str(CALLER_SILENCE_SECS), "--tone-secs", str(REPLY_SECS), "--report", str(report)]
+    command = [
+        sys.executable,
+        str(tool),
+        "load",
+        "--url",
+        server.url,
+        "--calls",
+        str(calls),
+        "--seconds",
+        str(seconds),
+        "--caller-wav",
+        str(caller_wav),
+        "--speech-secs",
+        str(CALLER_SPEECH_SECS),
+        "--silence-secs",
+        str(CALLER_SILENCE_SECS),
+        "--tone-secs",
+        str(REPLY_SECS),
+        "--report",
+        str(report),
+    ]
     limit = seconds + calls / 20.0 + 90
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit)
@@ -255,22 +299,52 @@ def run_servers(args, folder: Path) -> dict:
     caller_wav = Speech(folder).wav(LOAD_SENTENCE)
     results = {"seconds": args.seconds, "runs": []}
     with EngineThread(StandInModel(reply_secs=REPLY_SECS), max_sessions=max(args.calls) + 8) as url:
-        for processes in (1, 2):
+        # First bench.pipeline's own server, its stand-in in process: what the service is weighed against.
+        for engine, processes in (("in process", 1), ("service", 1), ("service", 2)):
             servers = []
             for i in range(processes):
                 port = free_port()
-                command = [sys.executable, "-m", "bench.engine_service", "callserver", "--port", str(port),
-                           "--engine", url]
-                servers.append(Server(f"call server {i + 1}", "ours", "webrtc", command, port,
-                                      folder / f"callserver-{processes}-{i}.log"))
+                command = [
+                    sys.executable,
+                    "-m",
+                    "bench.engine_service",
+                    "callserver",
+                    "--port",
+                    str(port),
+                    "--engine",
+                    url,
+                ]
+                if engine == "in process":
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "bench.pipeline",
+                        "server",
+                        "--port",
+                        str(port),
+                        "--vad",
+                        "webrtc",
+                    ]
+                servers.append(
+                    Server(
+                        f"call server {i + 1}",
+                        "ours",
+                        "webrtc",
+                        command,
+                        port,
+                        folder / f"callserver-{engine}-{processes}-{i}.log",
+                    )
+                )
             try:
                 for server in servers:
                     server.start()
                 for server in servers:
                     server.wait_ready(timeout=120)
                 for calls in args.calls:
-                    log(f"call servers: {calls} calls over {processes} process(es)")
-                    share = [calls // processes + (1 if i < calls % processes else 0) for i in range(processes)]
+                    log(f"call servers: {calls} calls over {processes} process(es), engine {engine}")
+                    share = [
+                        calls // processes + (1 if i < calls % processes else 0) for i in range(processes)
+                    ]
                     summaries: list[dict] = [{} for _ in servers]
 
                     def drive(i: int, share=share, summaries=summaries, servers=servers) -> None:
@@ -283,8 +357,15 @@ def run_servers(args, folder: Path) -> dict:
                         t.join()
                     for server in servers:
                         server.wait_idle(timeout=30)
-                    results["runs"].append({"processes": processes, "calls": calls, "servers": summaries,
-                                            "carried": all(not s.get("error") and carried(s) for s in summaries)})
+                    results["runs"].append(
+                        {
+                            "engine": engine,
+                            "processes": processes,
+                            "calls": calls,
+                            "servers": summaries,
+                            "carried": all(not s.get("error") and carried(s) for s in summaries),
+                        }
+                    )
             finally:
                 for server in servers:
                     server.stop()
@@ -298,15 +379,17 @@ def servers_table(res: dict) -> str:
         f"### Call servers sharing one engine service (stand-in engine, bench.pipeline Twilio calls, "
         f"{res['seconds']:g} s each)",
         "",
-        "| call-server processes | calls | replies complete | gaps heard (underruns) | server CPU % of one core "
-        "(each) | main-thread % (each) | loop lag p99 ms (each) | carried |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| engine | call-server processes | calls | replies complete | gaps heard (underruns) "
+        "| server CPU % of one core (each) | main-thread % (each) | loop lag p99 ms (each) | carried |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in res["runs"]:
         s = run["servers"]
         if any(x.get("error") for x in s):
-            lines.append(f"| {run['processes']} | {run['calls']} | error: "
-                         f"{'; '.join(x['error'][:80] for x in s if x.get('error'))} | | | | | no |")
+            lines.append(
+                f"| {run['engine']} | {run['processes']} | {run['calls']} | error: "
+                f"{'; '.join(x['error'][:80] for x in s if x.get('error'))} | | | | | no |"
+            )
             continue
         done = sum(x["replies_completed"] for x in s)
         expected = sum(x["replies_expected"] for x in s)
@@ -314,11 +397,24 @@ def servers_table(res: dict) -> str:
         cpu = " / ".join(str(x["server_cpu_pct_of_one_core"]) for x in s)
         main = " / ".join(str(x["server_main_thread_pct_of_one_core"]) for x in s)
         lag = " / ".join(str(x["server_loop_lag_ms"]["loop_lag_p99_ms"]) for x in s)
-        lines.append(f"| {run['processes']} | {run['calls']} | {done}/{expected} | {gaps} | {cpu} | {main} | {lag} | "
-                     f"{'yes' if run['carried'] else 'no'} |")
-    most = {p: max([r["calls"] for r in res["runs"] if r["processes"] == p and r["carried"]], default=0)
-            for p in (1, 2)}
-    lines += ["", f"Most calls carried: one process {most[1]}, two processes {most[2]}."]
+        lines.append(
+            f"| {run['engine']} | {run['processes']} | {run['calls']} | {done}/{expected} | {gaps} "
+            f"| {cpu} | {main} | {lag} | {'yes' if run['carried'] else 'no'} |"
+        )
+    most = {
+        (e, p): max(
+            [r["calls"] for r in res["runs"] if (r["engine"], r["processes"]) == (e, p) and r["carried"]],
+            default=0,
+        )
+        for e, p in {(r["engine"], r["processes"]) for r in res["runs"]}
+    }
+    lines += [
+        "",
+        "Most calls carried: "
+        + ", ".join(
+            f"{p} process{'es' if p > 1 else ''}, engine {e}: {n}" for (e, p), n in sorted(most.items())
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -345,7 +441,9 @@ def parse_args(argv=None):
     server.add_argument("--reply-secs", type=float, default=2.0)
     server.add_argument("--log-level", default="WARNING")
     server.add_argument("--no-gc-freeze", action="store_true")
-    p.add_argument("--quick", action="store_true", help="smoke settings (sessions 1,2; 10 frames; short load)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke settings (sessions 1,2; 10 frames; short load)"
+    )
     p.add_argument("--only", choices=("overhead", "servers"), default=None)
     p.add_argument("--sessions", type=counts, default=[1, 16], help="concurrent sessions (default: 1,16)")
     p.add_argument("--frames", type=int, default=40, help="frames per reply, 80 ms each (default: 40)")

@@ -68,7 +68,9 @@ class _ServedSession:
         session.on_tool_call = self._tool_call
 
     def _tool_call(self, call) -> None:
-        self.out.put_nowait(encode("tool_call", name=call.name, arguments=call.arguments, call_id=call.call_id))
+        self.out.put_nowait(
+            encode("tool_call", name=call.name, arguments=call.arguments, call_id=call.call_id)
+        )
 
     def apply(self, message: Message, voices: _Voices) -> None:
         kind, session = message.type, self.session
@@ -95,8 +97,10 @@ class _ServedSession:
         elif kind == "prepare_voice":
             self._spawn(self._prepare_voice())
         else:
-            raise WireError(f"message type {kind!r}; expected respond, cancel, heard, instruct, set_tools, "
-                            "tool_result, set_voice or prepare_voice")
+            raise WireError(
+                f"message type {kind!r}; expected respond, cancel, heard, instruct, set_tools, "
+                "tool_result, set_voice or prepare_voice"
+            )
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -108,6 +112,8 @@ class _ServedSession:
         if previous is not None and not previous.done():
             await asyncio.wait({previous})  # replies take turns, as they do in one process
         try:
+            # Read as fast as the scheduler makes chunks, as the pipeline's service reads an in-process
+            # session: a reply's row never waits on the network, and gRPC's flow control holds the rest.
             async for chunk in self.session.respond(audio, say=say):
                 arrays = {"audio": np.asarray(chunk.audio, dtype=np.float32)}
                 codes = getattr(chunk, "codes", None)
@@ -115,8 +121,16 @@ class _ServedSession:
                     arrays["codes"] = np.asarray(codes, dtype=np.int32)
                 # made: when a consumer in this process would have had it (the same clock as a call server
                 # on this host: the benchmark's measure of what the service adds)
-                self.out.put_nowait(encode("chunk", arrays, reply=reply, frames=list(chunk.frames), text=chunk.text,
-                                           made=time.monotonic()))
+                self.out.put_nowait(
+                    encode(
+                        "chunk",
+                        arrays,
+                        reply=reply,
+                        frames=list(chunk.frames),
+                        text=chunk.text,
+                        made=time.monotonic(),
+                    )
+                )
         except asyncio.CancelledError:
             self.out.put_nowait(encode("end", reply=reply, cancelled=True))
             raise
@@ -154,15 +168,21 @@ class _Voices:
 
         spec = message.get("voice")
         if not isinstance(spec, dict) or not isinstance(spec.get("key"), str):
-            raise WireError(f"'voice' is {spec!r}; expected {{key, name, transcript}} with the reference as "
-                            "array 'voice_audio'")
+            raise WireError(
+                f"'voice' is {spec!r}; expected {{key, name, transcript}} with the reference as "
+                "array 'voice_audio'"
+            )
         key = spec["key"]
         if key not in self._by_key:
             audio = message.arrays.get("voice_audio")
             if audio is None:
                 raise WireError(f"voice {key[:12]}: no reference audio (array 'voice_audio', 24 kHz float32)")
-            voice = SpeakingVoice(np.array(audio, dtype=np.float32).reshape(-1), str(spec.get("transcript", "")),
-                                  key, str(spec.get("name", "")))
+            voice = SpeakingVoice(
+                np.array(audio, dtype=np.float32).reshape(-1),
+                str(spec.get("transcript", "")),
+                key,
+                str(spec.get("name", "")),
+            )
             self._by_key[key] = voice
             while len(self._by_key) > MAX_VOICES:
                 self._by_key.popitem(last=False)
@@ -213,11 +233,15 @@ class EngineServer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
-            raise OSError(f"cannot listen on {host}:{port}; expected a free port on an address of this machine")
+            raise OSError(
+                f"cannot listen on {host}:{port}; expected a free port on an address of this machine"
+            )
         await server.start()
         self._server = server
-        logger.info(f"engine: serving {getattr(self.model, 'source', 'model')} on grpc://{host}:{bound} "
-                    f"(at most {self.max_sessions} sessions)")
+        logger.info(
+            f"engine: serving {getattr(self.model, 'source', 'model')} on grpc://{host}:{bound} "
+            f"(at most {self.max_sessions} sessions)"
+        )
         return bound
 
     async def wait(self) -> None:
@@ -284,17 +308,23 @@ class EngineServer:
         if message.type != "open":
             return None, f"the first message is {message.type!r}; expected 'open'"
         if message.get("wire_version") != WIRE_VERSION:
-            return None, (f"wire version {message.get('wire_version')!r}; this engine speaks version "
-                          f"{WIRE_VERSION} (update the call server or the engine so that they match)")
+            return None, (
+                f"wire version {message.get('wire_version')!r}; this engine speaks version "
+                f"{WIRE_VERSION} (update the call server or the engine so that they match)"
+            )
         if len(self.sessions) >= self.max_sessions:
             return None, f"engine at capacity: {len(self.sessions)} of max_sessions {self.max_sessions}"
         try:
             voice = self._voices.take(message)
             sampling = Sampling(**dict(message.get("sampling") or {}))
-            settings = {k: int(message[k]) for k in ("chunk_frames", "lookahead", "max_frames") if k in message.fields}
+            settings = {
+                k: int(message[k]) for k in ("chunk_frames", "lookahead", "max_frames") if k in message.fields
+            }
             if self.reasoner is not None:
                 settings["thinker_stream"] = self.reasoner()
-            session = self.model.new_session(voice, str(message.get("system_prompt", "")), sampling=sampling, **settings)
+            session = self.model.new_session(
+                voice, str(message.get("system_prompt", "")), sampling=sampling, **settings
+            )
         except Exception as exc:
             return None, f"cannot open a session: {type(exc).__name__}: {exc}"
         return _ServedSession(session, asyncio.Queue()), ""
@@ -314,7 +344,9 @@ class EngineServer:
             served.out.put_nowait(None)
 
 
-async def serve_engine(model, host: str, port: int, *, max_sessions: int, ready: Callable[[int], None] | None = None):
+async def serve_engine(
+    model, host: str, port: int, *, max_sessions: int, ready: Callable[[int], None] | None = None
+):
     """Serve until cancelled or a signal stops it (the `chroma-agent engine` command)."""
     server = EngineServer(model, max_sessions=max_sessions)
     bound = await server.start(host, port)
@@ -329,8 +361,8 @@ async def serve_engine(model, host: str, port: int, *, max_sessions: int, ready:
 class EngineThread:
     """An `EngineServer` on a thread of its own, with its own event loop (tests and benchmarks):
 
-        with EngineThread(model) as url:      # grpc://127.0.0.1:PORT
-            ...
+    with EngineThread(model) as url:      # grpc://127.0.0.1:PORT
+        ...
     """
 
     def __init__(self, model, host: str = "127.0.0.1", port: int = 0, **server_args):

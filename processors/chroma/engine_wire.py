@@ -55,7 +55,9 @@ def encode(type_: str, arrays: dict[str, np.ndarray] | None = None, **fields: An
     specs, blobs = [], []
     for name, array in (arrays or {}).items():
         array = np.asarray(array)
-        dtype = next((n for n, d in DTYPES.items() if array.dtype == d or array.dtype == d.newbyteorder("=")), None)
+        dtype = next(
+            (n for n, d in DTYPES.items() if array.dtype == d or array.dtype == d.newbyteorder("=")), None
+        )
         if dtype is None:
             raise WireError(f"array {name!r} is {array.dtype}; expected one of {', '.join(DTYPES)}")
         specs.append([name, dtype, list(array.shape)])
@@ -67,7 +69,9 @@ def encode(type_: str, arrays: dict[str, np.ndarray] | None = None, **fields: An
 def decode(data: bytes) -> Message:
     """The message in `data`; WireError says what is wrong with it."""
     if len(data) < _LENGTH.size:
-        raise WireError(f"message of {len(data)} bytes; expected at least a {_LENGTH.size}-byte header length")
+        raise WireError(
+            f"message of {len(data)} bytes; expected at least a {_LENGTH.size}-byte header length"
+        )
     (length,) = _LENGTH.unpack_from(data)
     end = _LENGTH.size + length
     if end > len(data):
@@ -88,7 +92,9 @@ def decode(data: bytes) -> Message:
             name, dtype, shape = spec
             dtype, shape = DTYPES[dtype], tuple(int(n) for n in shape)
         except (TypeError, ValueError, KeyError):
-            raise WireError(f"array spec {spec!r}; expected [name, one of {', '.join(DTYPES)}, shape]") from None
+            raise WireError(
+                f"array spec {spec!r}; expected [name, one of {', '.join(DTYPES)}, shape]"
+            ) from None
         if any(n < 0 for n in shape):
             raise WireError(f"array {name!r} has a negative dimension {list(shape)}")
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -84,7 +84,9 @@ def engine_target(url: str) -> str:
     """'HOST:PORT' of a `grpc://HOST:PORT` URL; ValueError says what was expected."""
     match = URL.match(url.strip())
     if match is None or not 0 < int(match["port"]) < 65536:
-        raise ValueError(f"{url!r} is not an engine URL; expected grpc://HOST:PORT with a port from 1 to 65535")
+        raise ValueError(
+            f"{url!r} is not an engine URL; expected grpc://HOST:PORT with a port from 1 to 65535"
+        )
     return f"{match['host']}:{int(match['port'])}"
 
 
@@ -143,7 +145,9 @@ class RemoteEngine:
         self.device = f"{first.get('device', '?')} (engine {url})"
         self.config = RemoteModelConfig(is_tiny=bool(first.get("is_tiny")))
         self._closed = threading.Event()
-        self._poller = threading.Thread(target=self._poll_loop, args=(status_every,), name="engine-status", daemon=True)
+        self._poller = threading.Thread(
+            target=self._poll_loop, args=(status_every,), name="engine-status", daemon=True
+        )
         self._poller.start()
 
     # -- status ---------------------------------------------------------------------------------
@@ -183,7 +187,11 @@ class RemoteEngine:
     def gauges(self) -> Iterator[tuple[str, str, float]]:
         """For /metrics (ServerMetrics.set_gauges)."""
         yield "chroma_engine_connected", f"1 while the engine at {self.url} answers.", float(self.connected)
-        yield "chroma_engine_sessions_lost", "Calls whose engine session was lost or refused.", self.sessions_lost
+        yield (
+            "chroma_engine_sessions_lost",
+            "Calls whose engine session was lost or refused.",
+            self.sessions_lost,
+        )
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -201,11 +209,17 @@ class RemoteEngine:
         """A session on the engine, with the settings `ChromaModel.new_session` takes. Settings that are
         code (a scripted thinker) cannot cross: give those to the engine's own process."""
         if unsupported:
-            raise TypeError(f"{', '.join(unsupported)} cannot be sent to a remote engine; set it where the engine runs")
+            raise TypeError(
+                f"{', '.join(unsupported)} cannot be sent to a remote engine; set it where the engine runs"
+            )
         if not 1 <= chunk_frames <= 4:
             raise ValueError(f"chunk_frames is {chunk_frames}, expected 1 to 4")
-        settings = {"chunk_frames": chunk_frames, "lookahead": lookahead, "max_frames": max_frames,
-                    "sampling": dataclasses.asdict(sampling or Sampling())}
+        settings = {
+            "chunk_frames": chunk_frames,
+            "lookahead": lookahead,
+            "max_frames": max_frames,
+            "sampling": dataclasses.asdict(sampling or Sampling()),
+        }
         self.sessions_opened += 1
         return RemoteSession(self, voice, system_prompt, settings)
 
@@ -247,7 +261,9 @@ class RemoteSession:
         self.on_tool_call: Callable[[Any], None] | None = None
         self.on_lost: Callable[[str], None] | None = None
         self.lost: str | None = None
-        self._open = _voice_message("open", voice, wire_version=WIRE_VERSION, system_prompt=system_prompt, **settings)
+        self._open = _voice_message(
+            "open", voice, wire_version=WIRE_VERSION, system_prompt=system_prompt, **settings
+        )
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._call = None
         self._reader: asyncio.Task | None = None
@@ -307,7 +323,9 @@ class RemoteSession:
             if kind == "chunk":
                 codes = message.arrays.get("codes")
                 frames = tuple(message["frames"])
-                chunk = RemoteChunk(message.arrays["audio"], frames, message["text"], codes, message.get("made", 0.0))
+                chunk = RemoteChunk(
+                    message.arrays["audio"], frames, message["text"], codes, message.get("made", 0.0)
+                )
                 queue.put_nowait(chunk)
             elif kind == "end":
                 queue.put_nowait(_END)
@@ -318,7 +336,9 @@ class RemoteSession:
         elif kind == "error":
             logger.warning(f"engine {self.engine.url}: {message['message']}")
         elif kind == "tool_call":
-            call = ToolCall(str(message["name"]), dict(message.get("arguments") or {}), str(message["call_id"]))
+            call = ToolCall(
+                str(message["name"]), dict(message.get("arguments") or {}), str(message["call_id"])
+            )
             if self.on_tool_call is not None:
                 self.on_tool_call(call)
         elif kind == "voice_ready":
@@ -359,7 +379,9 @@ class RemoteSession:
 
     # -- SpeechSession ---------------------------------------------------------------------------
 
-    async def respond(self, user_audio_16k: np.ndarray | None = None, *, say: str | None = None) -> AsyncIterator[RemoteChunk]:
+    async def respond(
+        self, user_audio_16k: np.ndarray | None = None, *, say: str | None = None
+    ) -> AsyncIterator[RemoteChunk]:
         """The reply, streamed from the engine as it makes it (see ChromaSession.respond)."""
         self._start()
         if self.lost is not None:
@@ -371,7 +393,11 @@ class RemoteSession:
         self._replies[reply] = queue
         self._current = reply
         self._chunk_ends, self._chunk_texts, self._heard = [], [], None
-        arrays = {} if user_audio_16k is None else {"audio": np.asarray(user_audio_16k, dtype=np.float32).reshape(-1)}
+        arrays = (
+            {}
+            if user_audio_16k is None
+            else {"audio": np.asarray(user_audio_16k, dtype=np.float32).reshape(-1)}
+        )
         self._send(encode("respond", arrays, reply=reply, **({} if say is None else {"say": say})))
         first, later = self.engine.reply_timeout
         ended = False
@@ -435,7 +461,9 @@ class RemoteSession:
         try:
             await asyncio.wait_for(waiter, VOICE_TIMEOUT_SECS)
         except TimeoutError:
-            logger.warning(f"engine {self.engine.url}: the next voice was not ready in {VOICE_TIMEOUT_SECS:.0f} s")
+            logger.warning(
+                f"engine {self.engine.url}: the next voice was not ready in {VOICE_TIMEOUT_SECS:.0f} s"
+            )
 
     @property
     def kept_text(self) -> str:

@@ -29,7 +29,9 @@ RATE = 16000
 ENGINE_START_SECS = 180  # a cold `chroma-agent engine` on a loaded 2-core machine: imports and the tiny model
 
 
-def agent_file(tmp_path: Path, engine: str | None, *, max_seconds: float = 1, name: str = "agent.yaml") -> Path:
+def agent_file(
+    tmp_path: Path, engine: str | None, *, max_seconds: float = 1, name: str = "agent.yaml"
+) -> Path:
     path = tmp_path / name
     path.write_text(
         f"""
@@ -62,9 +64,25 @@ def engine_process(max_sessions: int = 8):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "engine", "--model", "tiny", "--device", "cpu", "--port", str(port),
-         "--max-sessions", str(max_sessions)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "engine",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--max-sessions",
+            str(max_sessions),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"grpc://127.0.0.1:{port}"
     try:
@@ -108,8 +126,9 @@ async def test_a_call_through_the_whole_pipeline_is_served_by_the_engine_service
         assert isinstance(runtime.model, RemoteEngine) and runtime.model_name == "tiny" and runtime.stand_in
         await runtime.prepare()  # the goodbye lines are rendered through the engine too
         assert runtime.model_error_audio.apology and runtime.model_error_audio.goodbye
-        audio = caller(0.3, synthesize("Hello, where is my order?", RATE), 3.0,
-                       synthesize("Thank you.", RATE), 3.0)
+        audio = caller(
+            0.3, synthesize("Hello, where is my order?", RATE), 3.0, synthesize("Thank you.", RATE), 3.0
+        )
         call, recording, _transport = await asyncio.wait_for(
             simulate_call(runtime, audio, RATE, out_rate=8000, settle_secs=0.5), 60
         )
@@ -161,7 +180,9 @@ async def test_an_engine_killed_mid_call_ends_the_call_politely_and_promptly(tmp
         assert ended - killed[0] < 30  # bounded: the goodbye (about 2 s) and the hang-up, not the minute
         kinds = [kind for _t, kind, _d in call.timeline]
         assert [k for k in kinds if k in ("engine_lost", "turn_failed", "agent_hung_up")] == [
-            "engine_lost", "turn_failed", "agent_hung_up"  # one failed reply is enough: goodbye, hang up
+            "engine_lost",
+            "turn_failed",
+            "agent_hung_up",  # one failed reply is enough: goodbye, hang up
         ]
         assert call.ended_by_agent and not call.errors
         heard = b"".join(samples.tobytes() for _t, _rate, samples in transport.agent_chunks)
@@ -173,16 +194,34 @@ async def test_an_engine_killed_mid_call_ends_the_call_politely_and_promptly(tmp
 
 @requires_espeak
 def test_two_call_server_processes_share_one_engine(tmp_path):
-    talk = write_wav(tmp_path / "caller.wav", caller(0.3, synthesize("Hello, where is my order?", RATE), 4.0,
-                                                      synthesize("Thank you.", RATE), 4.0), RATE)
+    talk = write_wav(
+        tmp_path / "caller.wav",
+        caller(0.3, synthesize("Hello, where is my order?", RATE), 4.0, synthesize("Thank you.", RATE), 4.0),
+        RATE,
+    )
     with engine_process() as (url, _process):
         watcher = RemoteEngine(url, status_every=0.1)
         agent = agent_file(tmp_path, url)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         servers = [
-            subprocess.Popen([sys.executable, "-m", "agent.cli", "call", str(agent), "--input", str(talk),
-                              "--output", str(tmp_path / f"out{i}.wav")],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent.cli",
+                    "call",
+                    str(agent),
+                    "--input",
+                    str(talk),
+                    "--output",
+                    str(tmp_path / f"out{i}.wav"),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for i in range(2)
         ]
         most_open = 0
@@ -199,7 +238,9 @@ def test_two_call_server_processes_share_one_engine(tmp_path):
         assert [s.returncode for s in servers] == [0, 0], outputs
         assert all("turn 1:" in out and "turn 2:" in out for out in outputs)
         assert watcher.status()["sessions_opened"] == 2
-        assert most_open == 2  # both calls on the engine at once (each lasts ~10 s, the processes start together)
+        assert (
+            most_open == 2
+        )  # both calls on the engine at once (each lasts ~10 s, the processes start together)
         for i in range(2):
             with wave.open(str(tmp_path / f"out{i}.wav")) as wav:
                 assert np.abs(np.frombuffer(wav.readframes(wav.getnframes()), np.int16)).max() > 100

@@ -17,7 +17,9 @@ def test_the_overhead_part_measures_both_ways_for_every_session_count(tmp_path, 
     rows = json.loads(out.read_text())["results"]["overhead"]["rows"]
     assert sorted(rows, key=int) == ["1", "2"]
     for count, row in rows.items():
-        assert row["chunks"] == 5 * int(count)  # 10 frames in 2-frame chunks, every session, through the service
+        assert row["chunks"] == 5 * int(
+            count
+        )  # 10 frames in 2-frame chunks, every session, through the service
         assert row["ttfa_local_p50"] > 0 and row["ttfa_remote_p50"] > 0
         assert 0 <= row["added_p50"] <= row["added_max"]
 
@@ -30,7 +32,11 @@ def test_the_call_server_part_carries_calls_with_one_and_two_processes(tmp_path,
     assert engine_service.main(["--quick", "--only", "servers", "--calls", "2", "--json", str(out)]) == 0
     assert "Call servers sharing one engine service" in capsys.readouterr().out
     runs = json.loads(out.read_text())["results"]["servers"]["runs"]
-    assert [(r["processes"], r["calls"]) for r in runs] == [(1, 2), (2, 2)]
+    assert [(r["engine"], r["processes"], r["calls"]) for r in runs] == [
+        ("in process", 1, 2),
+        ("service", 1, 2),
+        ("service", 2, 2),
+    ]
     for run in runs:
         assert all(s["replies_completed"] > 0 for s in run["servers"])  # replies came through the service
 

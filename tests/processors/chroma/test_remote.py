@@ -17,8 +17,13 @@ from processors.chroma.session_protocol import SpeechSession
 from tests.conftest import user_audio
 
 PROMPT = "You are a helpful agent."
-TOOLS = [{"name": "lookup_order", "description": "Look up an order.",
-          "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}]
+TOOLS = [
+    {
+        "name": "lookup_order",
+        "description": "Look up an order.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+    }
+]
 WAIT = 60  # seconds: no test step waits longer than this on the engine
 
 
@@ -75,8 +80,11 @@ def test_a_remote_session_keeps_the_speech_session_contract(engine, voice):
     assert session.model.source == "tiny" and session.system_prompt == PROMPT
 
 
-@pytest.mark.parametrize("sampling", [Sampling(), Sampling(do_sample=True, temperature=0.9, top_k=20, seed=5)],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "sampling",
+    [Sampling(), Sampling(do_sample=True, temperature=0.9, top_k=20, seed=5)],
+    ids=["greedy", "seeded"],
+)
 async def test_the_same_turns_give_the_same_codes_audio_and_text_as_in_process(engine, tiny, voice, sampling):
     settings = dict(max_frames=12, chunk_frames=2, sampling=sampling)
     local = tiny.new_session(voice, PROMPT, **settings)
@@ -141,7 +149,10 @@ async def test_a_voice_switch_speaks_the_next_reply_as_in_process(engine, tiny, 
         for s in (remote, local):
             s.set_voice(other_voice())
             await asyncio.wait_for(s.prepare_voice(), WAIT)
-        after_remote, after_local = await reply(remote, user_audio(0.5, 62)), await reply(local, user_audio(0.5, 62))
+        after_remote, after_local = (
+            await reply(remote, user_audio(0.5, 62)),
+            await reply(local, user_audio(0.5, 62)),
+        )
         assert_same(after_remote, after_local)
         # and the switch mattered: the first voice gives other codes for the same turn
         same_voice = tiny.new_session(voice, PROMPT, max_frames=10)
@@ -211,7 +222,9 @@ def test_an_engine_nobody_serves_is_named_with_what_was_expected():
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:7400", "grpc://127.0.0.1", "grpc://127.0.0.1:70000", "grpc://:1"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:7400", "grpc://127.0.0.1", "grpc://127.0.0.1:70000", "grpc://:1"]
+)
 def test_a_url_that_is_not_grpc_host_port_is_refused(url):
     with pytest.raises(ValueError, match="expected grpc://HOST:PORT"):
         RemoteEngine(url)

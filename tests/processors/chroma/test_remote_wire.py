@@ -54,8 +54,9 @@ async def test_the_engine_answers_a_bad_message_with_an_error_and_the_session_go
     with EngineThread(tiny) as url:
         engine = RemoteEngine(url)
         voice_spec = {"key": "k" * 64, "name": "", "transcript": voice[1]}
-        opening = encode("open", {"voice_audio": voice[0]}, wire_version=WIRE_VERSION, voice=voice_spec,
-                         max_frames=4)
+        opening = encode(
+            "open", {"voice_audio": voice[0]}, wire_version=WIRE_VERSION, voice=voice_spec, max_frames=4
+        )
 
         async def requests():
             yield opening
@@ -91,4 +92,3 @@ async def test_a_session_opened_with_another_wire_version_is_refused_with_both_v
         assert f"wire version {WIRE_VERSION + 1}" in answers[0]["message"]
         assert f"speaks version {WIRE_VERSION}" in answers[0]["message"]
         engine.close()
-
