@@ -160,3 +160,21 @@ def test_admin_drain_turns_every_door_away_and_finishes_with_no_calls(app):
         while not app.state.drain.done.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert app.state.drain.done.is_set()  # no calls: over at once
+
+
+@pytest.mark.parametrize("server", [60], indirect=True)
+def test_chroma_agent_drain_drains_the_server_and_waits_for_it_to_exit(server):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "agent.cli", "drain", "--url", server.url, "--wait", "30"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    no_token = subprocess.run(command, env={k: v for k, v in env.items() if k != "CHROMA_AGENTS_ADMIN_TOKEN"},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert no_token.returncode == 2 and "CHROMA_AGENTS_ADMIN_TOKEN" in no_token.stderr
+    assert server.alive
+    done = subprocess.run(command, env={**env, "CHROMA_AGENTS_ADMIN_TOKEN": ADMIN}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "draining: 0 call(s) left" in done.stdout and "the server has exited" in done.stdout
+    assert server.wait(10) == 0
