@@ -403,11 +403,12 @@ class RemoteSession:
         ended = False
         try:
             while True:
+                waited = first if not self._chunk_ends else later
                 try:
-                    item = await asyncio.wait_for(queue.get(), first if not self._chunk_ends else later)
+                    async with asyncio.timeout(waited):  # no task per chunk, unlike wait_for
+                        item = await queue.get()
                 except TimeoutError:
                     ended = True
-                    waited = first if not self._chunk_ends else later
                     raise EngineUnavailable(
                         f"engine {self.engine.url}: no word on reply {reply} for {waited:.0f} s"
                     ) from None

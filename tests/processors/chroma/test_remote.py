@@ -252,3 +252,35 @@ def test_remote_session_is_what_the_engine_hands_out(engine, voice):
     with pytest.raises(TypeError, match="thinker_stream cannot be sent to a remote engine"):
         engine.new_session(voice, PROMPT, thinker_stream=object())
     assert isinstance(engine.new_session(voice, PROMPT), RemoteSession)
+
+
+class _SilentModel:
+    """An engine whose sessions never answer (a hung device, say): the one failure the tiny model
+    cannot be made to show."""
+
+    source, device = "silent", "cpu"
+
+    def new_session(self, voice, system_prompt="", **settings):
+        class Session:
+            on_tool_call = None
+
+            async def respond(self, audio=None, *, say=None):
+                await asyncio.Event().wait()
+                yield
+
+            def cancel(self):
+                pass
+
+        return Session()
+
+
+async def test_a_reply_the_engine_never_answers_fails_after_the_reply_timeout(voice):
+    with EngineThread(_SilentModel(), status=dict) as url:
+        remote_engine = RemoteEngine(url, reply_timeout=(1.0, 1.0))
+        session = remote_engine.new_session(voice, PROMPT)
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailable, match="no word on reply 1 for 1 s"):
+            await reply(session, user_audio(0.3, 95))
+        assert time.monotonic() - started < 10
+        session.close()
+        remote_engine.close()
