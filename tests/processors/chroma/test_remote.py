@@ -57,7 +57,13 @@ async def reply(session, audio=None, *, cancel_after=None, **kwargs):
 
 
 def codes(chunks) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(np.array(c.codes), dtype=torch.long) for c in chunks])
+    # in process: a tensor; from the engine: a read-only int32 array over the message
+    return torch.cat(
+        [
+            torch.as_tensor(np.array(c.codes) if isinstance(c.codes, np.ndarray) else c.codes).long()
+            for c in chunks
+        ]
+    )
 
 
 def assert_same(remote_chunks, local_chunks):
