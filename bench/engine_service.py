@@ -8,8 +8,9 @@
    scheduler here) and through `chroma-agent engine` in a process of its own on loopback. Time to
    first audio from the call's side both ways, and per chunk what the service adds: from the moment
    the engine process's consumer has the chunk (where an in-process call would have it) to the moment
-   the call server's session yields it, on the host's one monotonic clock. Target: at most 5 ms
-   added per chunk (median) at 16 sessions.
+   the call server's session yields it, on the host's one monotonic clock; and the call server's CPU
+   per chunk (this process's, the engine being elsewhere). Target: at most 5 ms added per chunk
+   (median) at 16 sessions.
 2. **Call servers** (stand-in engine): one engine service answering every turn with bench.pipeline's
    2 s tone, and 1 or 2 call-server processes (bench.pipeline's Twilio server, its engine being the
    service) under pipecat_baseline.py's load generator, the calls split evenly; and, to weigh them
@@ -155,12 +156,14 @@ def _measure(new_session, count: int, frames: int, repeats: int) -> dict:
         try:
             await _answer(sessions[:1], _turn(0.5, 1))  # warm-up: the voice prefix, the first allocations
             ttfa, added, chunks = [], [], 0
+            cpu = time.process_time()
             for r in range(repeats):
                 for row in await _answer(sessions, _turn(0.8, 10 + r)):
                     ttfa.append(row["ttfa"])
                     added += row["added"]
                     chunks += row["chunks"]
-            return {"ttfa": ttfa, "added": added, "chunks": chunks}
+            cpu = time.process_time() - cpu  # this process's, every thread: the call server's side only
+            return {"ttfa": ttfa, "added": added, "chunks": chunks, "cpu": cpu}
         finally:
             for s in sessions:
                 if hasattr(s, "close"):
@@ -196,6 +199,7 @@ def run_overhead(args, folder: Path) -> dict:
                 "added_p95": pct(remote["added"], 95),
                 "added_max": max(remote["added"]),
                 "chunks": remote["chunks"],
+                "client_cpu_per_chunk": remote["cpu"] / remote["chunks"],
             }
         engine.close()
     return {"frames": args.frames, "repeats": args.repeats, "rows": rows}
@@ -207,8 +211,8 @@ def overhead_table(res: dict) -> str:
         f"per reply, {res['repeats']} turn(s) per session)",
         "",
         "| sessions | TTFA in process p50 / p90 (ms) | TTFA via service p50 / p90 (ms) "
-        "| added per chunk p50 / p95 / max (ms) | chunks | target |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| added per chunk p50 / p95 / max (ms) | call-server CPU per chunk (us) | chunks | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for count, r in sorted(res["rows"].items(), key=lambda kv: int(kv[0])):
         target = ""
@@ -219,7 +223,7 @@ def overhead_table(res: dict) -> str:
             f"| {count} | {ms(r['ttfa_local_p50'])} / {ms(r['ttfa_local_p90'])} "
             f"| {ms(r['ttfa_remote_p50'])} / {ms(r['ttfa_remote_p90'])} "
             f"| {ms(r['added_p50'])} / {ms(r['added_p95'])} / {ms(r['added_max'])} "
-            f"| {r['chunks']} | {target} |"
+            f"| {r['client_cpu_per_chunk'] * 1e6:.0f} | {r['chunks']} | {target} |"
         )
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ def test_the_overhead_part_measures_both_ways_for_every_session_count(tmp_path, 
             count
         )  # 10 frames in 2-frame chunks, every session, through the service
         assert row["ttfa_local_p50"] > 0 and row["ttfa_remote_p50"] > 0
-        assert 0 <= row["added_p50"] <= row["added_max"]
+        assert 0 <= row["added_p50"] <= row["added_max"] and row["client_cpu_per_chunk"] > 0
 
 
 @requires_espeak
