@@ -344,20 +344,6 @@ class EngineServer:
             served.out.put_nowait(None)
 
 
-async def serve_engine(
-    model, host: str, port: int, *, max_sessions: int, ready: Callable[[int], None] | None = None
-):
-    """Serve until cancelled or a signal stops it (the `chroma-agent engine` command)."""
-    server = EngineServer(model, max_sessions=max_sessions)
-    bound = await server.start(host, port)
-    if ready is not None:
-        ready(bound)
-    try:
-        await server.wait()
-    finally:
-        await server.stop(2.0)
-
-
 class EngineThread:
     """An `EngineServer` on a thread of its own, with its own event loop (tests and benchmarks):
 
