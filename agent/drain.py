@@ -6,8 +6,9 @@
 From the moment it starts, every new call is refused as busy ("draining": SIP INVITE and OPTIONS 503,
 the Twilio webhook 503, the WebRTC offer 503, /readyz 503), so the front doors (Kamailio's dispatcher,
 an HTTP load balancer) send calls elsewhere. Live calls go on for up to the agent's `drain_seconds`;
-those still live then hear a short goodbye spoken through the model and are hung up (SIP BYE, the
-Twilio stream closed, the WebRTC peer closed). A call that will not end even then is cancelled.
+those still live then hear a short goodbye and are hung up (SIP BYE, the Twilio stream closed, the
+WebRTC peer closed). The goodbye is spoken through the model in the agent's voice once, while the
+calls finish, and played to each call left; a call that will not end even then is cancelled.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from typing import Protocol
 
 from loguru import logger
 
+from processors.chroma.config import SAMPLE_RATE
+from processors.chroma.service import CallActionFrame
+
 from .call_control import PipelineCallControl
 from .runtime import AgentRuntime
 
 GOODBYE = "I'm sorry, this line is closing now. Please call again. Goodbye."
 GOODBYE_SECS = 10.0  # the goodbye's time to be said and the call to end before it is cancelled
+RENDER_SECS = 10.0  # the longest the limit waits on the goodbye's rendering; then it is said live
 CANCEL_SECS = 5.0  # cancelled calls' time to unwind
 PROGRESS_EVERY_SECS = 5.0
 POLL_SECS = 0.1
@@ -54,6 +59,7 @@ class Drain:
         self.ended_politely = 0  # calls that were still live at the limit and heard the goodbye
         self.cancelled = 0  # calls that would not end even after the goodbye
         self.done = asyncio.Event()
+        self._goodbye_audio: asyncio.Task | None = None
 
     @property
     def left(self) -> int:
@@ -71,11 +77,15 @@ class Drain:
         logger.warning(
             f"draining: taking no new calls; {self.left} live call(s) may go on for up to {self.seconds:g} s"
         )
+        if self.left:
+            self._goodbye_audio = asyncio.get_running_loop().create_task(self.runtime.render_line(self.goodbye))
         try:
             if not await self._wait_calls(self.seconds, "draining"):
                 await self._end_the_rest()
             logger.info(f"drained in {time.monotonic() - self.started:.1f} s")
         finally:
+            if self._goodbye_audio is not None:
+                self._goodbye_audio.cancel()
             self.done.set()
 
     async def _wait_calls(self, seconds: float, doing: str) -> bool:
@@ -93,6 +103,10 @@ class Drain:
         return True
 
     async def _end_the_rest(self) -> None:
+        audio = None
+        if self._goodbye_audio is not None:
+            with contextlib.suppress(Exception):
+                audio = await asyncio.wait_for(asyncio.shield(self._goodbye_audio), RENDER_SECS)
         calls = list(self.runtime.calls.values())
         logger.warning(f"drain limit of {self.seconds:g} s reached: saying goodbye on {len(calls)} call(s)")
         for call in calls:
@@ -100,7 +114,10 @@ class Drain:
             control = PipelineCallControl(call)
             try:
                 # Queued behind the reply under way, if any; the hang-up waits until the goodbye is heard.
-                await control.say(self.goodbye)
+                if audio:
+                    await call.worker.queue_frame(CallActionFrame(audio=audio, rate=SAMPLE_RATE))
+                else:
+                    await control.say(self.goodbye)
                 await control.hang_up(after_current_sentence=True)
             except Exception:
                 logger.exception(f"call {call.stats.call_id}: could not queue the goodbye; cancelling it")

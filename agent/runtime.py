@@ -214,6 +214,11 @@ class AgentRuntime:
         if apology is not None and goodbye is not None:
             logger.info(f"model-error lines rendered in {time.monotonic() - started:.1f} s")
 
+    async def render_line(self, text: str) -> bytes | None:
+        """`text` in the agent's voice through the model, its length capped to the text's (the tiny
+        stand-in never stops by itself): 16-bit PCM at 24 kHz, or None when it could not be rendered."""
+        return await self._render(text)
+
     async def _render(self, text: str) -> bytes | None:
         r = self.spec.response
         frames = min(r.max_frames, math.ceil((LINE_LEAD_SECS + LINE_SECS_PER_CHAR * len(text)) / FRAME_SECONDS))

@@ -178,3 +178,37 @@ def test_chroma_agent_drain_drains_the_server_and_waits_for_it_to_exit(server):
     assert done.returncode == 0, done.stderr
     assert "draining: 0 call(s) left" in done.stdout and "the server has exited" in done.stdout
     assert server.wait(10) == 0
+
+
+async def test_past_drain_seconds_a_twilio_caller_hears_the_goodbye_then_the_stream_closes(tmp_path, tiny_model):
+    import xml.etree.ElementTree as ET
+
+    from agent.server import begin_drain
+    from agent.testing.lines import serving
+    from agent.testing.twilio_caller import TICK, TwilioCaller, fetch_voice_twiml, sid
+
+    public, token = "https://agent.example.com", "drain-twilio-auth-token"
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        f"name: drain twilio\nmodel: tiny\nvoice: {ROOT / 'examples/voices/demo'}\ndrain_seconds: 1\n"
+        f"transports:\n  twilio: {{enabled: true, public_url: '{public}', auth_token: {token}}}\n"
+    )
+    app = create_app(AgentRuntime(load_agent(path), model=tiny_model))
+    async with serving(app) as host:
+        call_sid = sid("CA")
+        r = await fetch_voice_twiml(f"http://{host}", token, public_base=public, form={"CallSid": call_sid})
+        stream = ET.fromstring(r.text).find("Connect/Stream")
+        params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+        caller = TwilioCaller(f"ws://{host}/twilio/media", token, sign_url=stream.get("url"), parameters=params, call_sid=call_sid)
+        run = asyncio.create_task(caller.run(seconds=30))
+        await wait_for(lambda: call_sid in app.state.runtime.calls, 10, "the call running")
+        await asyncio.sleep(0.5)
+        drained_at = caller.now()
+        drain = begin_drain(app)
+        timeline = await asyncio.wait_for(run, 40)
+        await asyncio.wait_for(drain, 10)
+    assert timeline.closed_by_server_at is not None and timeline.closed_by_server_at < 25  # hung up, not by us
+    assert timeline.closed_by_server_at - drained_at >= 1.0  # not before drain_seconds
+    heard = [i * TICK for i, on in enumerate(timeline.playing) if on]
+    assert heard and heard[0] >= drained_at + 0.9, "the goodbye came before the limit, or never"
+    assert app.state.drain.ended_politely == 1 and app.state.drain.cancelled == 0
