@@ -1,12 +1,14 @@
 """The `chroma-agent` command line.
 
     chroma-agent serve examples/agents/demo/agent.yaml            # talk to it at http://127.0.0.1:8080
+    chroma-agent drain --url http://127.0.0.1:8080 --wait 60      # no new calls; live ones finish; it exits
     chroma-agent call AGENT.yaml --input caller.wav --output call.wav
     chroma-agent speak --model tiny --voice-audio ref.wav --voice-text "..." \\
         --input user.wav --output reply.wav
     chroma-agent flow check examples/flows/customer_service/flow.yaml   # exit 1 and list every problem
     chroma-agent dial AGENT.yaml --to sip:alice@127.0.0.1:5080 --state appointment="Tue 10:00"
     chroma-agent voice add ava --audio ava.flac --transcript "..." --consent-by "Ava Smith"   # and list, check, remove
+    chroma-agent engine --model tiny --port 7400     # the model as a service: agent files say engine: grpc://...
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
 `run` to a function taking the parsed args and returning an exit code; list it in
@@ -191,6 +193,58 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_drain(subparsers) -> None:
+    p = subparsers.add_parser(
+        "drain",
+        help="drain a running server: no new calls, live ones finish, then it exits",
+        description="POST /admin/drain to a running server (with CHROMA_AGENTS_ADMIN_TOKEN): it takes no new "
+        "calls, lets live ones finish for up to its drain_seconds, says goodbye to the rest and exits. "
+        "Same as sending it SIGTERM; for a Kubernetes preStop hook or a server on another host.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL (default: http://127.0.0.1:8080)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="then wait up to this long for the server to exit (default: do not wait)")
+    p.set_defaults(run=_run_drain)
+
+
+def _run_drain(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .access import ADMIN_TOKEN_ENV, admin_token
+
+    token = admin_token()
+    if token is None:
+        raise UsageError(f"{ADMIN_TOKEN_ENV} is not set; drain needs the server's admin token")
+    base = args.url.rstrip("/")
+    request = urllib.request.Request(
+        f"{base}/admin/drain", method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise UsageError(f"{base}/admin/drain answered {exc.code}: {exc.read().decode(errors='replace')[:200]}") from None
+    except OSError as exc:
+        raise UsageError(f"--url {args.url}: cannot reach the server ({exc})") from None
+    print(f"draining: {answer.get('calls_left')} call(s) left, up to {answer.get('drain_seconds')} s")
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                left = json.loads(response.read()).get("calls_active")
+        except OSError:  # refused: the server has exited
+            print("the server has exited")
+            return 0
+        print(f"{left} call(s) left")
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    if args.wait:
+        print(f"the server is still running after {args.wait:g} s", file=sys.stderr)
+        return EXIT_PROBLEMS
+    return 0
+
+
 def _add_call(subparsers) -> None:
     p = subparsers.add_parser(
         "call",
@@ -282,11 +336,14 @@ def _spec(agent_path: str, model: str | None):
 
 def _runtime_for(spec, agent_path: str):
     from processors.chroma.checkpoint import CheckpointError
+    from processors.chroma.remote import EngineUnavailable
 
     from .runtime import AgentRuntime
 
     try:
         return AgentRuntime(spec)
+    except EngineUnavailable as exc:
+        raise UsageError(f"{agent_path}: engine: {exc}") from None
     except AudioFileError as exc:
         raise UsageError(f"{agent_path}: voice.audio: {exc}") from None
     except CheckpointError as exc:
@@ -396,6 +453,12 @@ def _add_voice(subparsers) -> None:
     declare(subparsers, UsageError)
 
 
+def _add_engine(subparsers) -> None:
+    from .engine_command import declare
+
+    declare(subparsers, UsageError)
+
+
 def _add_test(subparsers) -> None:
     from agent.testing.command import declare
 
@@ -461,7 +524,9 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_dial]
+SUBCOMMANDS: list[Callable] = [
+    _add_serve, _add_drain, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_dial, _add_engine
+]
 
 
 def package_version() -> str:

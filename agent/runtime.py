@@ -14,6 +14,7 @@ moment its pipeline starts, with the flow's tools and telephony actions bound to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import time
@@ -45,8 +46,15 @@ from processors.chroma.checkpoint import load_model
 from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.generation import Sampling, ThinkerStream
 from processors.chroma.modeling import ChromaModel
+from processors.chroma.remote import RemoteEngine, RemoteSession
 from processors.chroma.scheduler import FrameScheduler
-from processors.chroma.service import FRAME_SECONDS, ChromaS2SService, ModelErrorAudio, render_line
+from processors.chroma.service import (
+    FRAME_SECONDS,
+    CallActionFrame,
+    ChromaS2SService,
+    ModelErrorAudio,
+    render_line,
+)
 from processors.playout import with_playout
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
@@ -74,6 +82,8 @@ LINE_SECS_PER_CHAR = 0.09
 LINE_LEAD_SECS = 1.0
 # How often the page hears how a reply is going (its text and length so far), at most.
 PROGRESS_EVERY_SECS = 0.5
+# A call whose engine connection was lost has this long to say its goodbye before it is ended anyway.
+LOST_ENGINE_END_SECS = 20.0
 
 
 def model_source(source: str) -> str:
@@ -154,8 +164,17 @@ class AgentRuntime:
         # Calls promised a session whose pipeline does not exist yet (a SIP call answered, awaiting its
         # ACK): they count against max_sessions like running calls.
         self.reserved: set[str] = set()
+        # Set once by a graceful drain (agent/drain.py): no new call is taken from then on.
+        self.draining = False
         self._engine_failed = False
         self.reasoner = reasoner
+        if model is None and spec.engine is not None:
+            # The engine service's model serves the calls; this process runs only their pipelines.
+            if reasoner is not None:
+                raise ValueError("a reasoner picks the thinker's tokens inside the engine; give it to the engine's "
+                                 "EngineServer, not to a runtime whose agent file names an engine")
+            logger.info(f"agent {spec.name!r}: using the engine at {spec.engine}")
+            model = RemoteEngine(spec.engine)  # EngineUnreachable names the URL when nothing answers
         if model is None:
             device = None if spec.device == "auto" else spec.device
             source = model_source(spec.model_source)
@@ -164,6 +183,8 @@ class AgentRuntime:
         self.model = model
         if self.engine_status is None and isinstance(model, ChromaModel):
             self.engine_status = FrameScheduler.for_model(model).status
+        if self.engine_status is None and isinstance(model, RemoteEngine):
+            self.engine_status = model.status
         self.model_name = Path(str(model.source)).name if Path(str(model.source)).is_dir() else str(model.source)
         self.stand_in = bool(model.config.is_tiny)
         if self.stand_in:
@@ -176,6 +197,8 @@ class AgentRuntime:
         self.outbound = None  # agent.outbound.OutboundBook: the calls this agent placed, made on first use
         self.twilio_dial_out = None  # agent.twilio_outbound.TwilioDialOut, set by the Twilio routes
         self.metrics.set_gauges("runtime", self._gauges)
+        if isinstance(model, RemoteEngine):
+            self.metrics.set_gauges("engine", model.gauges)
         # Filled in by prepare(); until then a failed reply is reported but nothing plays in its place.
         self.model_error_audio = ModelErrorAudio(hang_up_after=spec.response.on_model_error.hang_up_after)
         self._prepared = False
@@ -194,12 +217,21 @@ class AgentRuntime:
         if apology is not None and goodbye is not None:
             logger.info(f"model-error lines rendered in {time.monotonic() - started:.1f} s")
 
+    async def render_line(self, text: str) -> bytes | None:
+        """`text` in the agent's voice through the model, its length capped to the text's (the tiny
+        stand-in never stops by itself): 16-bit PCM at 24 kHz, or None when it could not be rendered."""
+        return await self._render(text)
+
     async def _render(self, text: str) -> bytes | None:
         r = self.spec.response
         frames = min(r.max_frames, math.ceil((LINE_LEAD_SECS + LINE_SECS_PER_CHAR * len(text)) / FRAME_SECONDS))
         try:
             session = self.model.new_session(self.voice, "", chunk_frames=r.chunk_frames, max_frames=frames)
-            return await render_line(session, text)
+            try:
+                return await render_line(session, text)
+            finally:
+                if isinstance(session, RemoteSession):
+                    session.close()
         except Exception:
             logger.exception(f"could not render {text!r} for when the model fails; such replies will be silent")
             return None
@@ -240,12 +272,17 @@ class AgentRuntime:
         self._engine_failed = False
         return state
 
-    def busy_reason(self, state: dict | None = None) -> str | None:
+    def busy_reason(self, state: dict | None = None, *, promised: bool = False) -> str | None:
         """Why one more call cannot be taken now, or None when it can. `state`: engine_state(), if the
-        caller has it already."""
+        caller has it already. `promised`: the call was accepted before a drain began (a Twilio stream
+        its webhook answered), so a drain alone does not refuse it."""
+        if self.draining and not promised:
+            return "draining"
         state = self.engine_state() if state is None else state
         if state is not None and state.get("error"):
             return f"engine status unavailable: {state['error']}"
+        if state is not None and state.get("full"):  # a shared engine's sessions, all call servers together
+            return f"engine at capacity: {state.get('open_sessions')} of its max_sessions {state.get('max_sessions')}"
         if state is not None and state.get("behind_real_time"):
             return "engine behind real time"
         if self.sessions >= self.max_sessions:
@@ -407,8 +444,29 @@ class Call:
             conversation_id=call_id,
         )
         self._wire_events()
+        if isinstance(self.service.session, RemoteSession):
+            self.service.session.on_lost = self._engine_lost
         if self.flow is not None:
             self._start_flow()
+
+    def _engine_lost(self, reason: str) -> None:
+        """The remote engine can no longer serve this call: it ends the way a failing model ends a call
+        (response.on_model_error's goodbye, then hang-up), at once rather than after several turns, and
+        within LOST_ENGINE_END_SECS whatever becomes of the goodbye."""
+        self.note("engine_lost", reason=reason)
+        service = self.service
+        if service.model_error is not None:
+            service.model_error = dataclasses.replace(service.model_error, hang_up_after=1)
+        loop = asyncio.get_running_loop()
+        if not service.speaking:  # no reply under way to fail: ask for one, which fails at once
+            goodbye = self.runtime.spec.response.on_model_error.goodbye
+            loop.create_task(self.worker.queue_frame(CallActionFrame(say=goodbye)))
+
+        def end_now() -> None:
+            if self.stats.ended is None and self._ending is None:
+                self._ending = loop.create_task(self.cancel(reason="the engine connection was lost"))
+
+        loop.call_later(LOST_ENGINE_END_SECS, end_now)
 
     def _start_flow(self) -> None:
         manager = FlowManager(
@@ -553,5 +611,7 @@ class Call:
             self.service.session.cancel()
             if self._flow_start is not None:
                 self._flow_start.cancel()
+            if isinstance(self.service.session, RemoteSession):
+                self.service.session.close()  # the engine frees the call's session
             logger.info(self.stats.summary())
         return self.stats

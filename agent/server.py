@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import signal
 from pathlib import Path
 from typing import Literal
 
@@ -42,9 +43,11 @@ from pydantic import (
 
 from flows.actions import E164, SIP_URI
 from processors.chroma.config import LISTEN_RATE
+from processors.chroma.service import FRAME_SECONDS
 from transports.sip.calls import sip_server
 
 from .access import require_admin
+from .drain import Drain
 from .outbound import OutboundError, OutboundRefused, place_call, route_for
 from .runtime import STAND_IN_NOTICE, AgentRuntime, Call, busy_label
 
@@ -256,9 +259,14 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
                 f"SIP calls on udp {spec.host}:{sip.port} (contact {spec.public_address or spec.host}), "
                 f"RTP ports {spec.rtp_ports[0]}-{spec.rtp_ports[1]}, codecs {', '.join(spec.codecs)}"
             )
+        app.state.loop = asyncio.get_running_loop()  # where a signal handler starts the drain
         try:
             yield
         finally:
+            task = app.state.drain_task
+            if task is not None and not task.done():  # ended at once, mid-drain: the rest is hung up below
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
             if sip is not None:
                 await sip.stop()
                 await sip.handler.close()
@@ -270,6 +278,15 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
     if twilio is not None:
         app.include_router(twilio)
     app.state.sip = sip
+    app.state.drain = Drain(runtime, transports=[sip] if sip is not None else [])
+    app.state.drain_task = None
+    app.state.after_drain = None  # set by serve: ends the process once drained
+
+    @app.post("/admin/drain", status_code=202, dependencies=[Depends(require_admin)])
+    async def admin_drain() -> dict:
+        """Stop taking calls, let the live ones finish (up to drain_seconds), then exit."""
+        begin_drain(app)
+        return {"draining": True, "calls_left": app.state.drain.left, "drain_seconds": app.state.drain.seconds}
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -363,8 +380,10 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
         reason = runtime.busy_reason(engine)
         body = {
             "ready": reason is None,
+            "draining": runtime.draining,
             "sessions": runtime.sessions,
             "max_sessions": runtime.max_sessions,
+            "free": max(0, runtime.max_sessions - runtime.sessions),
             "calls_active": runtime.metrics.calls_active,
             "reserved": len(runtime.reserved),
         }
@@ -372,6 +391,10 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
             body["reason"] = reason
         if engine is not None:
             body["engine"] = engine
+            tick = engine.get("tick_seconds")
+            if isinstance(tick, int | float) and not isinstance(tick, bool):
+                # How far one tick runs past the 80 ms of audio it makes: above 0, callers hear gaps.
+                body["engine_tick_lag_ms"] = round(max(0.0, tick - FRAME_SECONDS) * 1000, 1)
         return JSONResponse(body, status_code=200 if reason is None else 503)
 
     @app.get("/metrics")
@@ -381,8 +404,47 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
     return app
 
 
+def begin_drain(app: FastAPI) -> asyncio.Task:
+    """Start the app's drain (once; later calls return the same task); `app.state.after_drain`, if set,
+    runs when it is over."""
+    if app.state.drain_task is None:
+
+        async def drain_then_exit() -> None:
+            await app.state.drain.run()
+            if app.state.after_drain is not None:
+                app.state.after_drain()
+
+        app.state.drain_task = asyncio.get_running_loop().create_task(drain_then_exit(), name="drain")
+    return app.state.drain_task
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains before the server stops: new calls are refused, live ones finish
+    (up to drain_seconds), and the process exits 0. A second SIGTERM, or SIGINT while draining, stops
+    at once (live calls hung up); SIGINT alone stops as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+        self.drain_asked = False
+        app.state.after_drain = self._drained
+
+    def _drained(self) -> None:
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame) -> None:
+        loop = getattr(self.app.state, "loop", None)
+        if sig == signal.SIGTERM and not self.drain_asked and not self.should_exit and loop is not None:
+            self.drain_asked = True
+            # A signal handler runs between bytecodes of whatever the loop was doing: start it there.
+            loop.call_soon_threadsafe(begin_drain, self.app)
+            return
+        # Not force_exit: that would skip the app's shutdown, which hangs up the calls left (SIP BYE).
+        super().handle_exit(sig, frame)
+
+
 def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080, public_url: str | None = None) -> None:
-    """Run the server until interrupted; active calls are hung up on the way out."""
+    """Run the server until interrupted; SIGTERM drains first (see DrainingServer)."""
     # The model, torch and pipecat leave ~400k long-lived objects; a full collection walking them
     # stalls the event loop, so every call's audio, for 300-400 ms (measured at 50-100 calls).
     # Freezing them once loaded keeps full collections to the objects calls create.
@@ -390,4 +452,4 @@ def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080, publ
     gc.freeze()
     app = create_app(runtime, public_url)
     app.state.listen_host = host  # read by the access checks: loopback-only views need no token
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info"), app).run()

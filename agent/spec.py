@@ -51,6 +51,7 @@ from voices.profile import Voice, VoiceError, load_voice
 FRAME_SECONDS = 0.08  # one Chroma audio frame (processors.chroma.config would pull in transformers here)
 HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+ENGINE_URL = re.compile(r"^grpc://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 Text = Annotated[str, Strict()]
 NonEmptyText = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1)]
@@ -346,12 +347,25 @@ class AgentSpec(_Section):
         "folder relative to the agent file.",
     )
     device: Text = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    engine: Text | None = Field(
+        None,
+        description="Where the model runs: absent, in this process (model and device above); or "
+        "'grpc://HOST:PORT', an engine service (`chroma-agent engine`) shared with other call servers, whose "
+        "own model then serves the calls.",
+    )
     max_sessions: StrictInt = Field(
         32,
         ge=1,
         le=1000,
         description="Calls the model serves at once, all transports together; beyond it new calls get each "
         "transport's busy answer (a call must also fit its transport's max_calls).",
+    )
+    drain_seconds: Number = Field(
+        30,
+        ge=0,
+        le=3600,
+        description="On SIGTERM or POST /admin/drain: how long live calls may go on while the server takes no "
+        "new ones; calls still live then hear a short goodbye and are hung up.",
     )
     voice: NonEmptyText = Field(
         description="The cloned voice the agent speaks in: a name from the voice library, or a voice folder "
@@ -478,6 +492,14 @@ class AgentSpec(_Section):
     @classmethod
     def _known_model(cls, value: str, info: ValidationInfo) -> str:
         return _resolve_model(value, _base(info))
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_url(cls, value: str | None) -> str | None:
+        match = ENGINE_URL.match(value) if value is not None else None
+        if value is not None and (match is None or not 0 < int(match[2]) < 65536):
+            raise _problem(f"{_show(value)} is not allowed; expected grpc://HOST:PORT (an engine service's address)")
+        return value
 
     @field_validator("device", mode="before")
     @classmethod

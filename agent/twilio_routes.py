@@ -4,7 +4,10 @@
 
 POST /twilio/voice answers a signed webhook with `<Connect><Stream>` to wss://<public>/twilio/media
 (or `<Reject reason="busy"/>` at max_calls); WS /twilio/media checks the upgrade's signature and the
-per-call token from `start`, then runs the call's pipeline until either side hangs up.
+per-call token from `start`, then runs the call's pipeline until either side hangs up. The token is
+signed with a key derived from the auth token, so any server of the agent verifies it: behind a load
+balancer the webhook and the stream may land on different servers. While the server drains, the
+webhook answers 503 (the balancer retries it elsewhere).
 
 Calls the agent places (agent/twilio_outbound.py) stream through the same socket; their status
 callbacks (POST /twilio/outbound/status) and answering-machine verdicts (POST /twilio/outbound/amd)
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import os
-import secrets
 from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import APIRouter, Request, Response, WebSocket
@@ -34,6 +38,7 @@ START_TIMEOUT_SECS = 10  # Twilio sends `connected` and `start` right after the 
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook's form is a few hundred bytes
 TWIML = "application/xml"
 DEFAULT_API_URL = "https://api.twilio.com"
+STREAM_TOKEN_LABEL = b"chroma-agents twilio stream token"
 
 
 class TwilioConfigError(ValueError):
@@ -61,6 +66,13 @@ def _settings(runtime: AgentRuntime, public_base: str | None) -> tuple[str, str,
     return auth_token, base, account_sid
 
 
+def stream_token_secret(auth_token: str) -> bytes:
+    """The key stream tokens are signed with, derived from the auth token: every server of the agent
+    has it, so the webhook and the media socket may land on different servers behind a balancer.
+    Derived rather than the token itself, so a stream token reveals nothing usable as a Twilio signature."""
+    return hmac.new(auth_token.encode(), STREAM_TOKEN_LABEL, hashlib.sha256).digest()
+
+
 def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest_client=None) -> APIRouter:
     """Routes for Twilio calls. ``public_base`` overrides ``transports.twilio.public_url``; ``rest_client``
     (a ``twilio.rest.Client``) replaces the one built from the account SID and auth token."""
@@ -72,7 +84,6 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
     parts = urlsplit(base)
     stream_url = public_url(f"wss://{parts.netloc}{parts.path}", "/twilio/media")
     agent = runtime.spec.name.replace("|", "/")  # "|" separates the fields a stream token signs
-    tokens = StreamTokens(secrets.token_bytes(32))
     if rest_client is None and account_sid and spec.api_url != DEFAULT_API_URL:
         rest_client = _rest_client(spec.api_url, account_sid, auth_token)
     dial_out = None
@@ -80,6 +91,7 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
         dial_out = runtime.twilio_dial_out = TwilioDialOut(
             runtime, account_sid=account_sid, auth_token=auth_token, public_base=base, stream_url=stream_url, agent=agent
         )
+    tokens = StreamTokens(stream_token_secret(auth_token))
     router = APIRouter()
 
     @router.post("/twilio/voice")
@@ -92,6 +104,11 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             runtime.metrics.dropped("twilio_bad_signature")
             return Response(status_code=403)
         call_sid = form.get("CallSid", "")
+        if runtime.draining:
+            # 503, not <Reject>: behind a load balancer the webhook is retried on another server.
+            logger.warning(f"Twilio call {call_sid}: answered 503, this server is draining")
+            runtime.metrics.call_refused("twilio", "draining")
+            return Response("draining", status_code=503, headers={"Retry-After": "5"})
         busy = runtime.busy_reason()
         if busy is None and runtime.active_calls("twilio") >= spec.max_calls:
             busy = f"at max_calls: {spec.max_calls} Twilio calls already"
@@ -148,8 +165,11 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             await ws.close(code=1008)
             return
         # The webhook said yes, but others may have got in since: never a call beyond capacity. A placed
-        # call holds its session from the moment it was dialled.
-        if leg is None and (runtime.active_calls("twilio") >= spec.max_calls or runtime.busy_reason() is not None):
+        # call holds its session from the moment it was dialled; a drain begun since the webhook does not
+        # refuse a call: the caller was promised it.
+        if leg is None and (
+            runtime.active_calls("twilio") >= spec.max_calls or runtime.busy_reason(promised=True) is not None
+        ):
             runtime.metrics.dropped("twilio_busy")
             await ws.close(code=1013)
             return

@@ -20,7 +20,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from processors.audio_io import read_audio
 from processors.chroma import ChromaS2SService, ChromaSettings, open_session
-from processors.chroma.scripted import Call, ScriptedReasoner, Say
+from processors.chroma.scripted import Call, Say, ScriptedReasoner
 from processors.playout import PlayoutTracker, with_playout
 from tests.speech import recorded
 from transports.file import FileCallTransport

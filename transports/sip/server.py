@@ -113,6 +113,7 @@ class SipServer:
         self._tasks: set[asyncio.Task] = set()
         self._logged: set[tuple[str, str]] = set()
         self._stopping = False
+        self._draining = False
 
     # Lifecycle ---------------------------------------------------------------------------------
 
@@ -123,6 +124,14 @@ class SipServer:
         )
         self.port = self._transport.get_extra_info("sockname")[1]
         logger.info("SIP listening on udp {}:{}", self.host, self.port)
+
+    def drain(self) -> None:
+        """Take no new calls (INVITE and OPTIONS answered 503) while the calls already here go on."""
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     async def stop(self) -> None:
         """BYE to every answered call, end(..., 'shutdown') for all, then close the socket."""
@@ -205,6 +214,8 @@ class SipServer:
         ringing, awaiting its ACK or running."""
         if self._stopping:
             return "shutting down"
+        if self._draining:
+            return "draining"
         if len(self.dialogs) >= self.max_calls:
             return f"{len(self.dialogs)} calls of max_calls {self.max_calls}"
         if self.busy is not None:
@@ -375,8 +386,11 @@ class SipServer:
             response.headers.add("Server", self.user_agent)
             tx.respond(response)
             return
-        if self._stopping:
-            self.respond(tx, 503, headers=[("Retry-After", "30")], refusal="shutting_down")
+        if self._stopping or self._draining:
+            # 503, not 486: this server is going away, and a proxy tries the next one (RFC 3261 §21.5.4).
+            kind = "shutting_down" if self._stopping else "draining"
+            self.respond(tx, 503, _phrase("Service Unavailable", kind.replace("_", " ")),
+                         headers=[("Retry-After", "30")], refusal=kind)
             return
         if (busy := self.not_ready_reason()) is not None:
             self._note("busy", addr, f"call from {addr[0]} refused: {busy}")
