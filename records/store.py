@@ -1,0 +1,59 @@
+"""The storage contract for call records, and opening a store from a URL or path."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from records.model import CallEvent, CallInfo
+
+
+class CallStore(Protocol):
+    """Synchronous storage of calls and their events; methods run on the writer's thread."""
+
+    def start_call(self, info: CallInfo) -> None: ...
+
+    def add_events(self, events: list[CallEvent]) -> None: ...
+
+    def update_call(self, call_id: str, **fields) -> None:
+        """Set any CallInfo field except call_id."""
+        ...
+
+    def end_call(self, call_id: str, ended_at: float, end_reason: str, end_detail: str | None = None) -> None: ...
+
+    def list_calls(
+        self,
+        *,
+        since: float | None = None,
+        agent: str | None = None,
+        transport: str | None = None,
+        ended_by: str | None = None,
+        limit: int = 100,
+    ) -> list[CallInfo]:
+        """Calls newest first."""
+        ...
+
+    def get_call(self, call_id: str) -> tuple[CallInfo, list[CallEvent]] | None:
+        """The call and its events in seq order, or None if unknown."""
+        ...
+
+    def mark_unfinished(self, end_reason: str = "crash") -> list[str]:
+        """End calls that have no end at their last event's time; returns their ids."""
+        ...
+
+    def delete_before(self, cutoff: float) -> list[CallInfo]:
+        """Delete calls started before cutoff; returns them so their recordings can be removed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str) -> CallStore:
+    """A file path or sqlite:///path opens SQLite; postgresql://... opens PostgreSQL."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from records.postgres import PostgresStore
+
+        return PostgresStore(url)
+    from records.sqlite import SqliteStore
+
+    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
+    return SqliteStore(path)
