@@ -7,6 +7,15 @@ from typing import Protocol
 from records.model import CallEvent, CallInfo
 
 
+class RecordRejected(Exception):
+    """The store refused an op for what it holds (an unknown call, a field it does not have); retrying
+    the same op cannot succeed. Any other exception from a store is taken as the database failing."""
+
+
+class StoreError(Exception):
+    """A database that cannot be opened or used (a missing file, a schema newer than this code)."""
+
+
 class CallStore(Protocol):
     """Synchronous storage of calls and their events; methods run on the writer's thread."""
 
