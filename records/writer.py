@@ -189,7 +189,10 @@ class RecordWriter:
                 if not self._failing:
                     self._failing = True
                     logger.warning(f"record store failed ({exc!r}); retrying, records queue up to {self.max_queue} ops")
-                self._closing.wait(min(delay, max(0.0, self._deadline - time.monotonic())))
+                if self._stopping:  # keep retrying at the same pace until close()'s deadline
+                    time.sleep(min(delay, max(0.0, self._deadline - time.monotonic())))
+                else:
+                    self._closing.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
         return True
 
