@@ -36,10 +36,7 @@ def to_json(value: Any) -> str:
 
 
 def _json_default(value: Any) -> Any:
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item):
-        return item()
-    tolist = getattr(value, "tolist", None)  # numpy arrays
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
     if callable(tolist):
         return tolist()
     return str(value)
@@ -115,7 +112,7 @@ class SqlStore:
                 rows,
             )
 
-    def update_call(self, call_id: str, **fields: Any) -> None:
+    def update_call(self, call_id: str, /, **fields: Any) -> None:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise RecordRejected(f"update_call {call_id}: {sorted(unknown)} are not fields a call record can change")

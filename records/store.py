@@ -23,7 +23,7 @@ class CallStore(Protocol):
 
     def add_events(self, events: list[CallEvent]) -> None: ...
 
-    def update_call(self, call_id: str, **fields) -> None:
+    def update_call(self, call_id: str, /, **fields) -> None:
         """Set any CallInfo field except call_id."""
         ...
 

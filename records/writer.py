@@ -94,7 +94,7 @@ class RecordWriter:
     def add_event(self, event: CallEvent) -> None:
         self._put(_Op("event", event.call_id, payload=event))
 
-    def update_call(self, call_id: str, **fields: Any) -> None:
+    def update_call(self, call_id: str, /, **fields: Any) -> None:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise TypeError(f"update_call: {sorted(unknown)} are not CallInfo fields (expected some of {sorted(_UPDATABLE)})")
