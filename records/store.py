@@ -64,5 +64,9 @@ def open_store(url: str) -> CallStore:
         return PostgresStore(url)
     from records.sqlite import SqliteStore
 
-    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
-    return SqliteStore(path)
+    # sqlite:///abs/path, sqlite://rel/path and sqlite:rel/path name a file, as does a bare path.
+    for prefix in ("sqlite://", "sqlite:"):
+        if url.startswith(prefix):
+            url = url[len(prefix) :]
+            break
+    return SqliteStore(url)
