@@ -43,7 +43,7 @@ class RecordWriter:
     """Queues record writes and applies them to a store on a thread of its own.
 
     `store_or_factory` is a store, or a callable that opens one; a factory is called on the writer's
-    thread (an SQLite connection belongs to the thread that uses it) and called again until it succeeds.
+    thread and called again until it succeeds; the writer closes a store it opened, not one it was given.
     Counters for /metrics: `written` ops stored, `pending` ops not yet stored, `lost` ops that never
     will be (queue full, refused by the store, or left at close), `errors` failed store calls.
     """
@@ -73,7 +73,8 @@ class RecordWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + self._in_flight
+        with self._cond:
+            return len(self._queue) + self._in_flight
 
     @property
     def store(self) -> CallStore | None:
@@ -149,15 +150,14 @@ class RecordWriter:
                         break
                     batch = [self._queue.popleft() for _ in range(min(BATCH_SIZE, len(self._queue)))]
                     self._in_flight = len(batch)
-                try:
-                    if not self._apply_with_retry(batch):
-                        with self._cond:  # the deadline passed: put the batch back for close() to count
-                            self._queue.extendleft(reversed(batch))
-                        break
-                finally:
+                unwritten = self._apply_with_retry(batch)
+                with self._cond:
                     self._in_flight = 0
+                    if unwritten:  # close()'s deadline passed: leave them for close() to count
+                        self._queue.extendleft(reversed(unwritten))
+                        break
         finally:
-            if self._store is not None:
+            if self._factory is not None and self._store is not None:  # a store passed in stays its owner's
                 try:
                     self._store.close()
                 except Exception as exc:  # noqa: BLE001 - closing must not raise out of the thread
@@ -166,13 +166,13 @@ class RecordWriter:
     def _past_deadline(self) -> bool:
         return self._stopping and time.monotonic() >= self._deadline
 
-    def _apply_with_retry(self, batch: list[_Op]) -> bool:
-        """Apply the batch, retrying on store failures; False when closing ran out of time."""
+    def _apply_with_retry(self, batch: list[_Op]) -> list[_Op]:
+        """Apply the batch, retrying on store failures; what is left unwritten when closing runs out of time."""
         groups = _group(batch)
         delay = RETRY_FIRST_S
         while groups:
             if self._past_deadline():
-                return False
+                return [op for group in groups for op in group]
             try:
                 store = self._open()
                 self._apply(store, groups[0])
@@ -194,7 +194,7 @@ class RecordWriter:
                 else:
                     self._closing.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-        return True
+        return []
 
     def _open(self) -> CallStore:
         if self._store is None:
