@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from processors.chroma.config import LISTEN_RATE
 from transports.sip.calls import sip_server
 
+from .records_routes import add_record_routes
 from .runtime import STAND_IN_NOTICE, AgentRuntime, Call, busy_label
 
 PAGE = Path(__file__).parent / "web" / "index.html"
@@ -73,6 +74,7 @@ class Busy(Exception):
 
 def busy_response(runtime: AgentRuntime, transport: str, reason: str) -> JSONResponse:
     runtime.metrics.call_refused(transport, busy_label(reason))
+    runtime.record_refusal(transport, reason)
     logger.warning(f"{transport} call refused: {reason}")
     return JSONResponse(
         {"error": f"busy: {reason}; try again shortly", "reason": reason},
@@ -115,6 +117,7 @@ class WebRTCCalls:
         try:
             transport = SmallWebRTCTransport(connection, params)
             call = self.runtime.new_call(transport, kind="webrtc", out_rate=WEBRTC_OUT_RATE)
+            call.identify({"pc_id": connection.pc_id})
         except Exception:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
@@ -209,10 +212,12 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
         try:
             yield
         finally:
+            runtime.shutting_down = True  # calls ended from here on end as "shutdown" in their records
             if sip is not None:
                 await sip.stop()
                 await sip.handler.close()
             await calls.close_all()
+            await runtime.close()
 
     app = FastAPI(title=f"chroma-agents: {runtime.spec.name}", lifespan=lifespan)
     app.state.runtime = runtime
@@ -267,6 +272,8 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
         if (busy := runtime.busy_reason()) is not None:
             raise Busy(busy)
         return await calls.start(parsed)
+
+    add_record_routes(app, runtime)
 
     @app.get("/healthz")
     async def healthz() -> dict:

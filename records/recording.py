@@ -6,9 +6,9 @@ heard on the line, on one timeline, written while the call runs.
     recording.agent(pcm, 8000)       # each chunk as it is written to the line
     recording.close()                # the rest, and the file is complete
 
-Each chunk is placed by the wall clock at which it passed (a chunk ends "now"), so the two sides stay
-aligned: silence fills where a side sent nothing, and a side that runs slightly early or late (jitter)
-is kept contiguous rather than chopped. Samples are written at most `LAG_SECS` behind real time, in a
+The caller's continuous stream is the timeline; the agent's chunks are placed on it by the wall clock
+at which each was written to the line, so the two sides stay aligned and silence fills where the
+agent said nothing. Samples are written at most `LAG_SECS` behind real time, in a
 block about every `FLUSH_SECS`, by one writer thread for the whole process; after each block the
 RIFF and data sizes in the header are rewritten, so a process killed mid-call leaves a playable file
 holding all but its last second.
@@ -30,7 +30,8 @@ from processors.audio import StreamResampler
 
 FLUSH_SECS = 0.5  # a block written (and the header updated) about this often
 LAG_SECS = 0.25  # audio this recent may still arrive out of step; it waits for the next block
-JITTER_SECS = 0.1  # a side this far from its place on the clock is re-placed (silence, or kept on)
+JITTER_SECS = 0.1  # agent audio this far past the end of the last is put at its own time, after silence
+STALL_SECS = 1.0  # a caller's side this far behind the clock has stopped sending: silence fills it
 HEADER_BYTES = 44
 
 
@@ -47,8 +48,8 @@ def wav_header(rate: int, data_bytes: int, channels: int = 2) -> bytes:
     )
 
 
-class _Side:
-    """One channel: samples not yet written, and where it ends on the recording's timeline."""
+class _Channel:
+    """One side's samples not yet written, and where it ends on the recording's timeline."""
 
     def __init__(self, rate: int):
         self.rate = rate
@@ -56,28 +57,21 @@ class _Side:
         self.end = 0  # samples from the recording's start to the end of what this side holds
         self._resamplers: dict[int, StreamResampler] = {}
 
-    def put(self, pcm: bytes, rate: int, ends_at: int, muted: bool) -> None:
+    def convert(self, pcm: bytes, rate: int) -> np.ndarray:
         if rate != self.rate:
             resampler = self._resamplers.get(rate)
             if resampler is None:
                 resampler = self._resamplers[rate] = StreamResampler(rate, self.rate)
             pcm = resampler.process(pcm)
-        samples = np.frombuffer(pcm, dtype=np.int16)
-        n = len(samples)
-        if n == 0:
-            return
-        if muted:
-            samples = np.zeros(n, np.int16)
-        start = ends_at - n
-        if start - self.end > JITTER_SECS * self.rate:
-            self.pad(start)  # nothing came for a while: silence up to where this chunk belongs
+        return np.frombuffer(pcm, dtype=np.int16)
+
+    def append(self, samples: np.ndarray) -> None:
         self.pending.append(samples)
-        self.end += n
+        self.end += len(samples)
 
     def pad(self, to: int) -> None:
         if to > self.end:
-            self.pending.append(np.zeros(to - self.end, np.int16))
-            self.end = to
+            self.append(np.zeros(to - self.end, np.int16))
 
     def take(self, n: int) -> np.ndarray:
         """The next n samples (the caller made sure they are held)."""
@@ -85,61 +79,93 @@ class _Side:
         self.pending = [held[n:]] if len(held) > n else []
         return held[:n]
 
+    def drop_last(self, n: int) -> None:
+        held = self.take(sum(len(p) for p in self.pending))
+        self.pending = [held[: max(0, len(held) - n)]]
+        self.end -= min(n, len(held))
+
 
 class CallRecording:
     """Caller left, agent right, at `rate` (the line's rate, or 16 kHz); other rates are resampled.
-    All methods run on the event loop and return at once: the file is written on the writer thread."""
+    All methods run on the event loop and return at once: the file is written on the writer thread.
+
+    The caller's audio is a continuous stream (phones and browsers send audio all the time, silence
+    too), so it is the recording's timeline: caller sample k is at sample k. Where that sample was
+    on the wall clock is estimated from arrivals (the earliest `arrival - samples so far / rate`: a
+    transport delivers late, never early), so audio that queued up (a call's first second, while its
+    pipeline starts) keeps its place, and each agent chunk is placed by the time it was written."""
 
     def __init__(self, path: Path, rate: int, *, clock: Callable[[], float] = time.monotonic):
         self.path = Path(path)
         self.rate = rate
         self._clock = clock
         self._t0 = clock()
-        self._caller = _Side(rate)
-        self._agent = _Side(rate)
+        self._origin: float | None = None  # wall time of the recording's sample 0
+        self._caller = _Channel(rate)
+        self._agent = _Channel(rate)
+        self._agent_chunks: list[tuple[float, np.ndarray]] = []  # (written at, samples), to be placed
         self._written = 0  # samples per side handed to the writer
         self._flushed_at = self._t0
         self.caller_muted = False
         self.closed = False
         _writer().submit(_Open(self.path, rate))
 
-    def _now(self) -> int:
-        return round((self._clock() - self._t0) * self.rate)
-
     def caller(self, pcm: bytes, rate: int) -> None:
         """A chunk of the caller's audio, just received (silenced while `caller_muted`)."""
-        if not self.closed:
-            self._caller.put(pcm, rate, self._now(), self.caller_muted)
-            self._maybe_flush()
+        if self.closed:
+            return
+        samples = self._caller.convert(pcm, rate)
+        if self.caller_muted:
+            samples = np.zeros(len(samples), np.int16)
+        now = self._clock()
+        self._caller.append(samples)
+        # The caller's first sample starts the recording; a chunk that came late cannot move it later.
+        estimate = now - self._caller.end / self.rate
+        self._origin = estimate if self._origin is None else min(self._origin, estimate)
+        self._maybe_flush()
 
     def agent(self, pcm: bytes, rate: int) -> None:
         """A chunk of the agent's audio, just written to the line."""
         if not self.closed:
-            self._agent.put(pcm, rate, self._now(), False)
+            self._agent_chunks.append((self._clock(), self._agent.convert(pcm, rate)))
             self._maybe_flush()
 
     def cut_agent(self, seconds: float) -> None:
         """Drop the agent's last `seconds` not yet written: sent, then cleared unplayed (a barge-in on a
         line that plays from its own queue)."""
-        side = self._agent
-        drop = min(round(seconds * self.rate), side.end - self._written)
-        if drop > 0:
-            held = side.take(side.end - self._written)
-            side.pending = [held[: len(held) - drop]]
-            side.end -= drop
+        self._place_agent()
+        self._agent.drop_last(min(round(seconds * self.rate), self._agent.end - self._written))
+
+    def _position(self, at: float) -> int:
+        return round((at - (self._t0 if self._origin is None else self._origin)) * self.rate)
+
+    def _place_agent(self) -> None:
+        for at, samples in self._agent_chunks:
+            start = self._position(at) - len(samples)
+            if start - self._agent.end > JITTER_SECS * self.rate:
+                self._agent.pad(start)  # nothing was said for a while: silence up to where this belongs
+            self._agent.append(samples)
+        self._agent_chunks.clear()
 
     def _maybe_flush(self) -> None:
         if self._clock() - self._flushed_at >= FLUSH_SECS:
             self.flush()
 
-    def flush(self, *, upto: int | None = None) -> None:
-        """Hand everything up to `LAG_SECS` ago (or `upto` samples) to the writer."""
-        self._flushed_at = self._clock()
-        target = self._now() - round(LAG_SECS * self.rate) if upto is None else upto
+    def flush(self, *, final: bool = False) -> None:
+        """Hand the writer everything up to `LAG_SECS` ago (`final`: everything)."""
+        now = self._flushed_at = self._clock()
+        self._place_agent()
+        clock_pos = self._position(now)
+        if clock_pos - self._caller.end > STALL_SECS * self.rate:
+            self._caller.pad(clock_pos - round(STALL_SECS * self.rate))  # the caller's side sends nothing
+        if final:
+            target = max(self._caller.end, self._agent.end)
+        else:
+            target = min(self._caller.end, clock_pos - round(LAG_SECS * self.rate))
         if target <= self._written:
             return
-        for side in (self._caller, self._agent):
-            side.pad(target)
+        self._caller.pad(target)
+        self._agent.pad(target)
         n = target - self._written
         frames = np.empty((n, 2), np.int16)
         frames[:, 0] = self._caller.take(n)
@@ -151,12 +177,13 @@ class CallRecording:
         """Write what is held (to the end of the longer side) and finish the file."""
         if self.closed:
             return
-        self.flush(upto=max(self._caller.end, self._agent.end, self._written))
+        self.flush(final=True)
         self.closed = True
         _writer().submit(_Close(self.path))
 
     @property
     def seconds(self) -> float:
+        """Seconds handed to the writer so far."""
         return self._written / self.rate
 
 

@@ -104,7 +104,7 @@ async def test_a_call_with_a_tool_leaves_its_turns_replies_nodes_and_tool_call_i
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, RATE)
         pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)
     duration = info.ended_at - info.answered_at
-    assert abs(len(pcm) / RATE - duration) < 0.6
+    assert -1.0 < len(pcm) / RATE - duration < 0.3  # from the caller's first audio to the hang-up
     assert np.abs(pcm[:, 0]).max() > 1000 and np.abs(pcm[:, 1]).max() > 1000
 
 
