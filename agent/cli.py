@@ -6,6 +6,7 @@
         --input user.wav --output reply.wav
     chroma-agent flow check examples/flows/customer_service/flow.yaml   # exit 1 and list every problem
     chroma-agent voice add ava --audio ava.flac --transcript "..." --consent-by "Ava Smith"   # and list, check, remove
+    chroma-agent calls list --db AGENT.yaml --since 2h        # and show ID, export, prune
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
 `run` to a function taking the parsed args and returning an exit code; list it in
@@ -35,7 +36,7 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 # Our packages log at the chosen level; everything else (pipecat's import banner and debug lines,
 # aiortc, uvicorn's access details) only from WARNING, unless asked for with -v or --log-level.
-OWN_PACKAGES = ("agent", "transports", "processors", "voices", "flows", "__main__")
+OWN_PACKAGES = ("agent", "transports", "processors", "voices", "flows", "records", "__main__")
 THIRD_PARTY_LEVEL = "WARNING"
 
 
@@ -379,6 +380,12 @@ def _add_test(subparsers) -> None:
     declare(subparsers, UsageError)
 
 
+def _add_calls(subparsers) -> None:
+    from agent.calls_cli import declare
+
+    declare(subparsers, UsageError)
+
+
 # -- shared helpers --------------------------------------------------------------
 
 
@@ -432,7 +439,7 @@ def _load(source: str, device):
 
 # -- entry point -------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test]
+SUBCOMMANDS: list[Callable] = [_add_serve, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_calls]
 
 
 def package_version() -> str:

@@ -161,16 +161,7 @@ class SqlStore:
         ended_by: str | None = None,
         limit: int = 100,
     ) -> list[CallInfo]:
-        where, params = [], []
-        for column, op, value in (
-            ("started_at", ">=", since),
-            ("agent", "=", agent),
-            ("transport", "=", transport),
-            ("end_reason", "=", ended_by),
-        ):
-            if value is not None:
-                where.append(f"{column} {op} ?")
-                params.append(value)
+        where, params = _filters(since, agent, transport, ended_by)
         sql = _SELECT_CALLS + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY started_at DESC, call_id LIMIT ?"
         with self._lock, self._transaction() as q:
@@ -185,16 +176,24 @@ class SqlStore:
             events = q("SELECT call_id, seq, at, kind, data FROM call_events WHERE call_id = ? ORDER BY seq", (call_id,))
         return _call_info(rows[0]), [CallEvent(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in events]
 
-    def iter_calls(self, *, since: float | None = None, batch: int = 500) -> Iterator[tuple[CallInfo, list[CallEvent]]]:
-        """Every call started at or after `since`, oldest first, with its events (for exports)."""
+    def iter_calls(
+        self,
+        *,
+        since: float | None = None,
+        agent: str | None = None,
+        transport: str | None = None,
+        ended_by: str | None = None,
+        batch: int = 500,
+    ) -> Iterator[tuple[CallInfo, list[CallEvent]]]:
+        """Every matching call with its events, oldest first, read a batch of calls at a time (exports)."""
+        where, params = _filters(None, agent, transport, ended_by)
+        # Keyset paging from (since, ""): a call started exactly at `since` sorts after the empty id, so it is in.
         after: tuple[float, str] = (since if since is not None else float("-inf"), "")
         while True:
+            page = "(started_at > ? OR (started_at = ? AND call_id > ?))"
+            sql = _SELECT_CALLS + f" WHERE {' AND '.join([page, *where])} ORDER BY started_at, call_id LIMIT ?"
             with self._lock, self._transaction() as q:
-                rows = q(
-                    _SELECT_CALLS + " WHERE started_at > ? OR (started_at = ? AND call_id > ?) "
-                    "ORDER BY started_at, call_id LIMIT ?",
-                    (after[0], after[0], after[1], batch),
-                )
+                rows = q(sql, [after[0], after[0], after[1], *params, batch])
             if not rows:
                 return
             for row in rows:
@@ -202,6 +201,21 @@ class SqlStore:
                 if found is not None:
                     yield found
             after = (rows[-1][CALL_COLUMNS.index("started_at")], rows[-1][0])
+
+def _filters(
+    since: float | None, agent: str | None, transport: str | None, ended_by: str | None
+) -> tuple[list[str], list[Any]]:
+    where, params = [], []
+    for column, op, value in (
+        ("started_at", ">=", since),
+        ("agent", "=", agent),
+        ("transport", "=", transport),
+        ("end_reason", "=", ended_by),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
+    return where, params
 
 
 def _call_row(info: CallInfo) -> list[Any]:

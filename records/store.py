@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from records.model import CallEvent, CallInfo
@@ -51,6 +52,18 @@ class CallStore(Protocol):
 
     def delete_before(self, cutoff: float) -> list[CallInfo]:
         """Delete calls started before cutoff; returns them so their recordings can be removed."""
+        ...
+
+    def iter_calls(
+        self,
+        *,
+        since: float | None = None,
+        agent: str | None = None,
+        transport: str | None = None,
+        ended_by: str | None = None,
+        batch: int = 500,
+    ) -> Iterator[tuple[CallInfo, list[CallEvent]]]:
+        """Every matching call with its events, oldest first (exports); reads a batch of calls at a time."""
         ...
 
     def close(self) -> None: ...

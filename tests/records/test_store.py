@@ -230,3 +230,13 @@ def test_one_store_serves_the_writer_thread_and_readers(store):
     writer.join(timeout=30)
     assert errors == []
     assert len(store.get_call("c")[1]) == 50
+
+
+def test_iter_calls_filters_like_list_calls(store):
+    store.start_call(call("a", T0, agent="support", transport="sip"))
+    store.start_call(call("b", T0 + 1, agent="sales", transport="sip"))
+    store.start_call(call("c", T0 + 2, agent="support", transport="twilio"))
+    store.end_call("c", T0 + 3, "busy")
+    assert [i.call_id for i, _ in store.iter_calls(agent="support")] == ["a", "c"]
+    assert [i.call_id for i, _ in store.iter_calls(transport="sip", since=T0 + 1)] == ["b"]
+    assert [i.call_id for i, _ in store.iter_calls(ended_by="busy")] == ["c"]
