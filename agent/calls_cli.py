@@ -245,6 +245,8 @@ def describe_call(info: CallInfo, events: list[CallEvent]) -> list[str]:
         + (f"  {info.end_reason}" if info.end_reason else "")
         + (f": {info.end_detail}" if info.end_detail else ""),
     ]
+    if info.server:
+        lines.append(f"  server     {info.server}")
     if info.recording:
         lines.append(f"  recording  {info.recording}")
     lines.append(f"events ({len(events)}; seconds from the start)" if events else "no events")

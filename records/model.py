@@ -25,6 +25,9 @@ class CallInfo:
     end_reason: str | None = None  # one of END_REASONS
     end_detail: str | None = None  # e.g. the transfer target, the error message
     recording: str | None = None  # path of the recording file
+    # The server process that took the call (e.g. host:port): with several servers on one database, a
+    # restarted server ends only the calls it left open.
+    server: str | None = None
 
 
 @dataclass

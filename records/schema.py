@@ -41,6 +41,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX calls_unfinished ON calls (started_at) WHERE ended_at IS NULL",
         ],
     ),
+    (2, "the server that took each call", ["ALTER TABLE calls ADD COLUMN server TEXT"]),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

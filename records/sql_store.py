@@ -132,13 +132,22 @@ class SqlStore:
         if not q(f"UPDATE calls SET {sets} WHERE call_id = ? RETURNING call_id", [*values, call_id]):
             raise RecordRejected(f"no call {call_id!r} to update")
 
-    def mark_unfinished(self, end_reason: str = "crash") -> list[str]:
+    def mark_unfinished(
+        self, end_reason: str = "crash", *, server: str | None = None, started_before: float | None = None
+    ) -> list[str]:
+        where, params = ["ended_at IS NULL"], [end_reason]
+        if server is not None:
+            where.append("server = ?")
+            params.append(server)
+        if started_before is not None:
+            where.append("started_at < ?")
+            params.append(started_before)
         with self._lock, self._transaction() as q:
             rows = q(
                 "UPDATE calls SET end_reason = ?, ended_at = COALESCE("
                 "(SELECT MAX(e.at) FROM call_events e WHERE e.call_id = calls.call_id), answered_at, started_at) "
-                "WHERE ended_at IS NULL RETURNING call_id",
-                (end_reason,),
+                f"WHERE {' AND '.join(where)} RETURNING call_id",
+                params,
             )
         return sorted(r[0] for r in rows)
 

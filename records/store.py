@@ -46,8 +46,11 @@ class CallStore(Protocol):
         """The call and its events in seq order, or None if unknown."""
         ...
 
-    def mark_unfinished(self, end_reason: str = "crash") -> list[str]:
-        """End calls that have no end at their last event's time; returns their ids."""
+    def mark_unfinished(
+        self, end_reason: str = "crash", *, server: str | None = None, started_before: float | None = None
+    ) -> list[str]:
+        """End calls that have no end at their last event's time; returns their ids. `server`: only the
+        calls that server took; `started_before`: only calls older than that (not those already live)."""
         ...
 
     def delete_before(self, cutoff: float) -> list[CallInfo]:

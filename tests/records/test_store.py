@@ -240,3 +240,37 @@ def test_iter_calls_filters_like_list_calls(store):
     assert [i.call_id for i, _ in store.iter_calls(agent="support")] == ["a", "c"]
     assert [i.call_id for i, _ in store.iter_calls(transport="sip", since=T0 + 1)] == ["b"]
     assert [i.call_id for i, _ in store.iter_calls(ended_by="busy")] == ["c"]
+
+
+def test_mark_unfinished_can_keep_to_one_server_and_to_older_calls(store):
+    store.start_call(call("mine", T0, server="host-a:8080"))
+    store.start_call(call("theirs", T0, server="host-b:8080"))
+    store.start_call(call("mine-live", T0 + 100, server="host-a:8080"))
+    assert store.mark_unfinished(server="host-a:8080", started_before=T0 + 50) == ["mine"]
+    open_ids = {c.call_id for c in store.list_calls() if c.ended_at is None}
+    assert open_ids == {"theirs", "mine-live"}
+    assert store.get_call("mine")[0].server == "host-a:8080"
+
+
+def test_a_version_1_database_is_migrated_with_its_records(store_url, monkeypatch):
+    with monkeypatch.context() as m:  # make the database as the first release did
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        m.setattr(sql_store, "LATEST_VERSION", 1)
+        old = open_store(store_url)
+        with old._transaction() as q:
+            q(
+                "INSERT INTO calls (call_id, agent, transport, started_at, transport_ids, direction) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                ("c", "support", "sip", T0, '{"sip_call_id": "x"}', "inbound"),
+            )
+        assert old.schema_version() == 1
+        old.close()
+    new = open_store(store_url)
+    try:
+        assert new.schema_version() == schema.LATEST_VERSION >= 2
+        info, _ = new.get_call("c")
+        assert (info.transport_ids, info.server) == ({"sip_call_id": "x"}, None)
+        new.update_call("c", server="host-a:8080")
+        assert new.get_call("c")[0].server == "host-a:8080"
+    finally:
+        new.close()
