@@ -65,6 +65,11 @@ class _Channel:
             pcm = resampler.process(pcm)
         return np.frombuffer(pcm, dtype=np.int16)
 
+    def held_back(self) -> np.ndarray:
+        """What the resamplers still hold (the end of the stream)."""
+        tails = [np.frombuffer(r.flush(), dtype=np.int16) for r in self._resamplers.values()]
+        return np.concatenate(tails) if tails else np.zeros(0, np.int16)
+
     def append(self, samples: np.ndarray) -> None:
         self.pending.append(samples)
         self.end += len(samples)
@@ -104,6 +109,8 @@ class CallRecording:
         self._caller = _Channel(rate)
         self._agent = _Channel(rate)
         self._agent_chunks: list[tuple[float, np.ndarray]] = []  # (written at, samples), to be placed
+        self._agent_at = -1e9  # when the agent's last chunk was written
+        self._agent_resampled = False  # a resampler holds the end of the agent's last chunks
         self._written = 0  # samples per side handed to the writer
         self._flushed_at = self._t0
         self.caller_muted = False
@@ -126,9 +133,20 @@ class CallRecording:
 
     def agent(self, pcm: bytes, rate: int) -> None:
         """A chunk of the agent's audio, just written to the line."""
-        if not self.closed:
-            self._agent_chunks.append((self._clock(), self._agent.convert(pcm, rate)))
-            self._maybe_flush()
+        if self.closed:
+            return
+        now = self._clock()
+        if now - self._agent_at > JITTER_SECS:
+            self._agent_tail()  # a new reply: the last one's end, still in the resampler, goes first
+        self._agent_chunks.append((now, self._agent.convert(pcm, rate)))
+        self._agent_at, self._agent_resampled = now, self._agent_resampled or rate != self.rate
+        self._maybe_flush()
+
+    def _agent_tail(self) -> None:
+        if self._agent_resampled:
+            self._agent_resampled = False
+            tail = self._agent.held_back()
+            self._agent_chunks.append((self._agent_at + len(tail) / self.rate, tail))
 
     def cut_agent(self, seconds: float) -> None:
         """Drop the agent's last `seconds` not yet written: sent, then cleared unplayed (a barge-in on a
@@ -154,6 +172,8 @@ class CallRecording:
     def flush(self, *, final: bool = False) -> None:
         """Hand the writer everything up to `LAG_SECS` ago (`final`: everything)."""
         now = self._flushed_at = self._clock()
+        if final or now - self._agent_at > JITTER_SECS:
+            self._agent_tail()
         self._place_agent()
         clock_pos = self._position(now)
         if clock_pos - self._caller.end > STALL_SECS * self.rate:
