@@ -70,7 +70,7 @@ class PostgresStore(SqlStore):
         return self._conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[_Query]:
+    def _transaction(self, write: bool = True) -> Iterator[_Query]:
         conn = self._connection()
         try:
             with conn.transaction():
@@ -78,6 +78,9 @@ class PostgresStore(SqlStore):
         except (psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError) as exc:
             # The op's content was refused (a constraint, a value PostgreSQL cannot hold): retrying cannot help.
             raise RecordRejected(_first_line(exc)) from exc
+
+    def _has_table(self, q, name: str) -> bool:
+        return q("SELECT to_regclass(?) IS NOT NULL", (name,))[0][0]
 
     def _lock_for_migration(self, q) -> None:
         q("SELECT pg_advisory_xact_lock(hashtext(?))", (_MIGRATION_LOCK,))

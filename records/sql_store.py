@@ -51,7 +51,11 @@ class SqlStore:
 
     # -- supplied by the database ---------------------------------------------
 
-    def _transaction(self) -> AbstractContextManager[Query]:
+    def _transaction(self, write: bool = True) -> AbstractContextManager[Query]:
+        """A transaction; `write=False` for reads, which then take no write lock (SQLite)."""
+        raise NotImplementedError
+
+    def _has_table(self, q: Query, name: str) -> bool:
         raise NotImplementedError
 
     def _lock_for_migration(self, q: Query) -> None:
@@ -60,10 +64,15 @@ class SqlStore:
     # -- schema -----------------------------------------------------------------
 
     def _migrate(self, where: str) -> None:
+        # Read first: an up-to-date database is opened without writing (a read-only file stays readable).
+        with self._lock, self._transaction(write=False) as q:
+            current = self._version(q)
+        if current == LATEST_VERSION:
+            return
         with self._lock, self._transaction() as q:
             self._lock_for_migration(q)
             q(CREATE_VERSION_TABLE)
-            current = q("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0]
+            current = self._version(q)  # another process may have migrated meanwhile
             if current > LATEST_VERSION:
                 raise StoreError(
                     f"{where}: call records schema version {current} is newer than this chroma-agents knows "
@@ -77,9 +86,14 @@ class SqlStore:
                     (version, description, time.time()),
                 )
 
+    def _version(self, q: Query) -> int:
+        if not self._has_table(q, "schema_version"):
+            return 0
+        return q("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0]
+
     def schema_version(self) -> int:
-        with self._lock, self._transaction() as q:
-            return q("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0]
+        with self._lock, self._transaction(write=False) as q:
+            return self._version(q)
 
     # -- writes -----------------------------------------------------------------
 
@@ -173,12 +187,12 @@ class SqlStore:
         where, params = _filters(since, agent, transport, ended_by)
         sql = _SELECT_CALLS + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY started_at DESC, call_id LIMIT ?"
-        with self._lock, self._transaction() as q:
+        with self._lock, self._transaction(write=False) as q:
             rows = q(sql, [*params, max(0, int(limit))])
         return [_call_info(r) for r in rows]
 
     def get_call(self, call_id: str) -> tuple[CallInfo, list[CallEvent]] | None:
-        with self._lock, self._transaction() as q:
+        with self._lock, self._transaction(write=False) as q:
             rows = q(_SELECT_CALLS + " WHERE call_id = ?", (call_id,))
             if not rows:
                 return None
@@ -201,7 +215,7 @@ class SqlStore:
         while True:
             page = "(started_at > ? OR (started_at = ? AND call_id > ?))"
             sql = _SELECT_CALLS + f" WHERE {' AND '.join([page, *where])} ORDER BY started_at, call_id LIMIT ?"
-            with self._lock, self._transaction() as q:
+            with self._lock, self._transaction(write=False) as q:
                 rows = q(sql, [after[0], after[0], after[1], *params, batch])
             if not rows:
                 return

@@ -57,9 +57,10 @@ class SqliteStore(SqlStore):
             raise StoreError(f"{self.path}: cannot create the call records database ({exc.strerror})") from exc
 
     @contextmanager
-    def _transaction(self) -> Iterator[_Query]:
+    def _transaction(self, write: bool = True) -> Iterator[_Query]:
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        # IMMEDIATE takes the write lock up front, so a write never fails midway on a lock it cannot get.
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield _Query(conn)
         except BaseException as exc:
@@ -72,6 +73,9 @@ class SqliteStore(SqlStore):
                 raise RecordRejected(str(exc)) from exc
             raise
         conn.execute("COMMIT")
+
+    def _has_table(self, q, name: str) -> bool:
+        return bool(q("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
 
     def close(self) -> None:
         with self._lock:

@@ -274,3 +274,29 @@ def test_a_version_1_database_is_migrated_with_its_records(store_url, monkeypatc
         assert new.get_call("c")[0].server == "host-a:8080"
     finally:
         new.close()
+
+
+def test_servers_opening_a_new_database_at_once_migrate_it_once(store_url):
+    opened, errors = [], []
+    go = threading.Barrier(4)
+
+    def open_one():
+        try:
+            go.wait(timeout=10)
+            opened.append(open_store(store_url))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == []
+        with opened[0]._transaction(write=False) as q:
+            versions = [r[0] for r in q("SELECT version FROM schema_version ORDER BY version")]
+        assert versions == [v for v, _, _ in schema.MIGRATIONS]
+    finally:
+        for s in opened:
+            s.close()
