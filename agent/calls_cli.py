@@ -127,16 +127,8 @@ def _agent_database(path: Path, usage_error: type[Exception]) -> str:
 
 
 def _open(url: str, usage_error: type[Exception]) -> CallStore:
-    """Open for reading: an SQLite file must exist already (reading never creates one)."""
     try:
-        if url.startswith(("postgresql://", "postgres://")):
-            return open_store(url)
-        from records.sqlite import SqliteStore
-
-        path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url.removeprefix("sqlite:")
-        if Path(path).is_dir():
-            raise StoreError(f"{path}: is a folder, expected a call records database file")
-        return SqliteStore(path, create=False)
+        return open_store(url, create=False)  # reading never makes an empty database
     except StoreError as exc:
         raise usage_error(str(exc)) from None
 

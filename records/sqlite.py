@@ -36,6 +36,8 @@ class SqliteStore(SqlStore):
     def __init__(self, path: str | Path, *, create: bool = True):
         super().__init__()
         self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, expected a call records database file")
         if not create and not self.path.is_file():
             raise StoreError(f"{self.path}: no call records database here (no such file)")
         try:

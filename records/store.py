@@ -72,8 +72,9 @@ class CallStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> CallStore:
-    """A file path or sqlite:///path opens SQLite; postgresql://... opens PostgreSQL."""
+def open_store(url: str, *, create: bool = True) -> CallStore:
+    """A file path or sqlite:///path opens SQLite; postgresql://... opens PostgreSQL. `create=False`: an
+    SQLite file must exist already (for readers, which should not make an empty database)."""
     if url.startswith(("postgresql://", "postgres://")):
         from records.postgres import PostgresStore
 
@@ -85,4 +86,4 @@ def open_store(url: str) -> CallStore:
         if url.startswith(prefix):
             url = url[len(prefix) :]
             break
-    return SqliteStore(url)
+    return SqliteStore(url, create=create)

@@ -114,9 +114,11 @@ class RecordWriter:
             self._cond.notify()
 
     def _lose(self, call_id: str, count: int, why: str) -> None:
-        self.lost += count
-        if call_id not in self._lossy_calls:
+        with self._cond:  # both the call side and the writer's thread count losses
+            self.lost += count
+            first = call_id not in self._lossy_calls
             self._lossy_calls.add(call_id)
+        if first:
             logger.warning(f"call {call_id}: records lost ({why}); this call's record will be incomplete")
 
     # -- closing ------------------------------------------------------------
@@ -214,7 +216,8 @@ class RecordWriter:
             store.end_call(op.call_id, **op.fields)
         self.written += len(group)
         if op.kind == "end":
-            self._lossy_calls.discard(op.call_id)
+            with self._cond:
+                self._lossy_calls.discard(op.call_id)
 
     def _reject(self, group: list[_Op], exc: RecordRejected) -> None:
         """A refused group of several calls' events is retried call by call, so only the refused call loses."""

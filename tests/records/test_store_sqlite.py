@@ -54,3 +54,8 @@ def test_a_reader_sees_records_while_the_writer_holds_its_connection(tmp_path):
     assert reader.get_call("c") is not None
     writer.close()
     reader.close()
+
+
+def test_a_folder_is_not_a_database(tmp_path):
+    with pytest.raises(StoreError, match="is a folder, expected a call records database file"):
+        open_store(str(tmp_path))
