@@ -27,6 +27,7 @@ from records.store import CallStore, RecordRejected
 BATCH_SIZE = 500
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
+LOSSY_CALLS_KEPT = 10_000  # calls remembered as already warned about
 
 _UPDATABLE = frozenset(f.name for f in dataclasses.fields(CallInfo)) - {"call_id"}
 
@@ -117,6 +118,8 @@ class RecordWriter:
         with self._cond:  # both the call side and the writer's thread count losses
             self.lost += count
             first = call_id not in self._lossy_calls
+            if first and len(self._lossy_calls) >= LOSSY_CALLS_KEPT:  # calls that never end must not pile up
+                self._lossy_calls.clear()
             self._lossy_calls.add(call_id)
         if first:
             logger.warning(f"call {call_id}: records lost ({why}); this call's record will be incomplete")
