@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 
+import psycopg
 import pytest
 from loguru import logger
 
@@ -222,3 +223,33 @@ async def test_update_call_with_a_field_records_do_not_have_is_a_caller_bug(db):
     with pytest.raises(TypeError, match="colour"):
         writer.update_call("c", colour="red")
     assert writer.pending == 0
+
+
+async def test_a_postgres_connection_killed_mid_call_loses_nothing(postgres_server_url):
+
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS call_events, calls, schema_version")
+    writer = RecordWriter(lambda: open_store(postgres_server_url))
+    await writer.start()
+    writer.start_call(CallInfo("c", "support", "sip", T0))
+    for i in range(50):
+        writer.add_event(CallEvent("c", i, T0 + i, "turn", {"i": i}))
+    await until(lambda: writer.pending == 0)
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:  # the database drops our session
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        )
+    for i in range(50, 100):
+        writer.add_event(CallEvent("c", i, T0 + i, "turn", {"i": i}))
+    writer.end_call("c", T0 + 200, "caller_hung_up")
+    await writer.close(timeout=WAIT_S)
+    check = open_store(postgres_server_url)
+    try:
+        info, events = check.get_call("c")
+    finally:
+        check.close()
+    assert [e.seq for e in events] == list(range(100))
+    assert info.end_reason == "caller_hung_up"
+    assert (writer.lost, writer.written) == (0, 102)
+    assert writer.errors >= 1  # the first write after the kill failed and was retried
