@@ -133,7 +133,7 @@ class SqlStore:
         if not fields:
             return
         names = sorted(fields)
-        values = [json.dumps(fields[n]) if n == "transport_ids" else fields[n] for n in names]
+        values = [json.dumps(dict(fields[n] or {})) if n == "transport_ids" else fields[n] for n in names]
         with self._lock, self._transaction() as q:
             self._update(q, call_id, names, values)
 
