@@ -72,10 +72,16 @@ class RecordsConfig:
 class CallRecords:
     """A server's records: one RecordWriter for all its calls, and where recordings go."""
 
-    def __init__(self, config: RecordsConfig, *, store_factory: Callable[[], CallStore] | None = None):
+    def __init__(
+        self,
+        config: RecordsConfig,
+        *,
+        store_factory: Callable[[], CallStore] | None = None,
+        max_queue: int = 10_000,
+    ):
         self.config = config
         self._open = store_factory or (lambda: open_store(config.database))
-        self.writer = RecordWriter(self._open)
+        self.writer = RecordWriter(self._open, max_queue=max_queue)
         self._started = False
         self._writing = False
 
