@@ -283,6 +283,16 @@ def describe_event(e: CallEvent) -> tuple[str, str]:
         return "tool", f"{d.get('name', '?')} -> {_compact(d.get('result'))}{took}"
     if e.kind == "keypad":
         return "caller", f"presses {d.get('key', '?')}" + (" (redacted)" if d.get("redacted") else "")
+    if e.kind == "turn_failed":
+        return "agent", f"reply failed: {d.get('error', '?')}"
+    if e.kind == "agent_hung_up":
+        return "agent", "hangs up"
+    if e.kind == "transferred":
+        return "agent", f"transfers the call to {d.get('to', '?')}"
+    if e.kind == "transfer_failed":
+        return "agent", f"transfer to {d.get('to', '?')} failed: {d.get('reason', '?')}"
+    if e.kind == "dtmf_sent":
+        return "agent", f"sends keypad tones {d.get('digits', '?')}"
     return e.kind, _compact(d) if d else ""
 
 

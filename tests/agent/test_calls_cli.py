@@ -31,6 +31,8 @@ EVENTS = [
     ("tool_result", {"id": "t2", "name": "refund", "result": {"error": "no such order"}, "seconds": 0.05,
                      "error": "no such order"}),
     ("keypad", {"key": "*", "redacted": True}),
+    ("transfer_failed", {"to": "+15550123", "reason": "busy"}),
+    ("transferred", {"to": "sip:sales@example.com"}),
     ("hold_music", {"track": "jazz"}),
 ]  # fmt: skip
 
@@ -114,6 +116,8 @@ def test_show_prints_the_transcript_with_timings_tools_and_events(db, capsys):
     assert "refund failed in 0.05 s: \"no such order\"" in out
     assert "stops speaking (2.40 s)" in out
     assert "presses * (redacted)" in out
+    assert "transfer to +15550123 failed: busy" in out
+    assert "transfers the call to sip:sales@example.com" in out
     assert 'hold_music {"track": "jazz"}' in " ".join(out.split())  # a kind not known to the viewer
 
 
