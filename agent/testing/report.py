@@ -58,9 +58,14 @@ def report_dict(results: list[RunResult], limit_checks: dict[str, list[Check]]) 
     return {
         "passed": all(r.passed for r in results) and all(c.passed for c in every_limit),
         "summary": summary,
-        "runs": [r.to_dict() for r in results],
+        "runs": [{**r.to_dict(), "record_id": record_of(r)} for r in results],
         "limits": {scenario: [c.to_dict() for c in checks] for scenario, checks in limit_checks.items()},
     }
+
+
+def record_of(result: RunResult) -> str | None:
+    """The id of the run's call record (`chroma-agent calls show ID`), when records were kept."""
+    return getattr(result, "record_id", None)
 
 
 def progress_line(result: RunResult, runs: int | None = None) -> str:
@@ -73,6 +78,8 @@ def progress_line(result: RunResult, runs: int | None = None) -> str:
         f"{'PASS' if result.passed else 'FAIL'}  {result.scenario}  run {result.run}{total}  "
         f"{result.transport}  first audio p50 {p50}  {failed} failed"
     )
+    if record_of(result):
+        line += f"  record {record_of(result)}"
     return line + (f"  (error: {_one_line(result.error)})" if result.error else "")
 
 
@@ -93,7 +100,7 @@ def summary_table(results: list[RunResult], limit_checks: dict[str, list[Check]]
         )
     failures = []
     for r in results:
-        where = f"{r.scenario} [run {r.run}] ({r.transport})"
+        where = f"{r.scenario} [run {r.run}] ({r.transport})" + (f" record {record_of(r)}" if record_of(r) else "")
         if r.error:
             failures.append(f"- **{where}**: the run did not complete: {_one_line(r.error)}")
         for c in r.checks:
