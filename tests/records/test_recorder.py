@@ -222,3 +222,13 @@ def test_the_environment_url_overrides_the_agent_files_database(tmp_path, monkey
     assert spec.records.recordings_folder(tmp_path) == tmp_path / "rec"
     monkeypatch.setenv("CHROMA_AGENTS_DATABASE_URL", "postgresql://u:p@127.0.0.1/db")
     assert spec.records.database_url(tmp_path) == "postgresql://u:p@127.0.0.1/db"
+
+
+def test_a_bad_records_section_names_the_field_and_what_was_expected(tmp_path):
+    from agent.spec import AgentFileError
+
+    agent = with_records(write_agent(tmp_path, ORDER_FLOW), "{retention_days: 0, recording: x}")
+    with pytest.raises(AgentFileError) as failed:
+        load_agent(agent)
+    message = str(failed.value)
+    assert "records.retention_days: 0" in message and "records.recording: unknown key" in message
