@@ -221,7 +221,14 @@ def _run_call(args: argparse.Namespace) -> int:
         raise UsageError(f"--input {exc}") from None
     runtime = _runtime(args.agent, args.model)
     print(f"calling agent {runtime.spec.name!r} with {args.input} ({caller.size / caller_rate:.1f} s, real time)")
-    call, recording, _ = asyncio.run(simulate_call(runtime, caller, caller_rate, out_rate=args.rate))
+
+    async def call_and_close():
+        try:
+            return await simulate_call(runtime, caller, caller_rate, out_rate=args.rate)
+        finally:
+            await runtime.close()  # the call's record is written before the process ends
+
+    call, recording, _ = asyncio.run(call_and_close())
     stats = call.stats
     if call.errors:
         for error in call.errors:

@@ -140,8 +140,11 @@ class CallRecords:
         sensitive: Callable[[str], bool] = lambda node: False,
     ) -> CallRecorder:
         if not self._writing:  # a runtime used without the server (a test, a scenario run): writing only
-            self._writing = True
-            asyncio.get_running_loop().create_task(self.writer.start())
+            try:
+                asyncio.get_running_loop().create_task(self.writer.start())
+                self._writing = True
+            except RuntimeError:  # no event loop yet: the first call made in one starts the writer
+                pass
         record_id = new_record_id()
         recording = None
         if self.config.recordings is not None:
