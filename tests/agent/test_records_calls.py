@@ -5,6 +5,7 @@ end reason and stereo recording; busy refusals as records; the web view's routes
 import asyncio
 import random
 import shutil
+import socket
 import wave
 
 import httpx
@@ -178,3 +179,34 @@ async def test_the_calls_view_needs_the_token_when_the_server_listens_beyond_loo
         assert (await http.get("/api/calls", params={"token": "s3cret", "ended_by": "x"})).status_code == 400
     await runtime.close()
 
+
+
+async def test_a_sip_invite_refused_as_busy_is_a_record_ending_busy(tmp_path, tiny_model):
+    runtime = AgentRuntime(load_agent(sip_tests.agent_file(tmp_path, "max_sessions: 1\n")), model=tiny_model)
+    runtime.engine_status = lambda: {"behind_real_time": True}
+    spec = runtime.spec.transports.sip.model_copy(update={"enabled": True, "port": 0})
+    server = sip_server(runtime, spec)
+    await server.start()
+    await runtime.records.start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    me = sock.getsockname()[1]
+    try:
+        invite = sip_tests._request("INVITE", server.port, "busy-1", body=sip_tests._offer(sip_tests.free_port()), me=me)
+        await loop.sock_sendto(sock, invite, ("127.0.0.1", server.port))
+        while not (data := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).startswith(b"SIP/2.0 486"):
+            assert int(data.split(b" ", 2)[1]) < 200, data[:80]
+    finally:
+        sock.close()
+        await server.stop()
+        await server.handler.close()
+    await runtime.close()
+    store = open_store(runtime.records.config.database)
+    try:
+        (info,) = store.list_calls()
+    finally:
+        store.close()
+    assert (info.transport, info.end_reason, info.transport_ids) == ("sip", "busy", {"sip_call_id": "busy-1"})
+    assert info.caller == "sip:+15550001111@127.0.0.1" and "engine behind real time" in info.end_detail
