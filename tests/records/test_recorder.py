@@ -232,3 +232,15 @@ def test_a_bad_records_section_names_the_field_and_what_was_expected(tmp_path):
         load_agent(agent)
     message = str(failed.value)
     assert "records.retention_days: 0" in message and "records.recording: unknown key" in message
+
+
+async def test_a_call_ended_by_a_failing_task_records_error_and_its_message(tmp_path, tiny_model):
+    runtime = runtime_with(write_agent(tmp_path, ORDER_FLOW), tiny_model, [["Ok."]])
+    async with InProcessCall(runtime) as line:
+        await line.wait(0.3)
+        # what CallTasks does when one of the call's tasks raises
+        line.call._task_failed("feed-caller-audio", RuntimeError("socket buffer gone"))
+        assert await line._until(lambda: line.ended, 10)
+        call = line.call
+    info, _events = await record_of(runtime, call.record_id)
+    assert info.end_reason == "error" and info.end_detail == "feed-caller-audio: RuntimeError: socket buffer gone"
