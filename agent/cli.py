@@ -9,6 +9,7 @@
     chroma-agent dial AGENT.yaml --to sip:alice@127.0.0.1:5080 --state appointment="Tue 10:00"
     chroma-agent voice add ava --audio ava.flac --transcript "..." --consent-by "Ava Smith"   # and list, check, remove
     chroma-agent engine --model tiny --port 7400     # the model as a service: agent files say engine: grpc://...
+    chroma-agent calls list --db AGENT.yaml --since 2h        # and show ID, export, prune
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its flags and sets
 `run` to a function taking the parsed args and returning an exit code; list it in
@@ -38,7 +39,7 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 # Our packages log at the chosen level; everything else (pipecat's import banner and debug lines,
 # aiortc, uvicorn's access details) only from WARNING, unless asked for with -v or --log-level.
-OWN_PACKAGES = ("agent", "transports", "processors", "voices", "flows", "__main__")
+OWN_PACKAGES = ("agent", "transports", "processors", "voices", "flows", "records", "__main__")
 THIRD_PARTY_LEVEL = "WARNING"
 
 
@@ -275,7 +276,14 @@ def _run_call(args: argparse.Namespace) -> int:
         raise UsageError(f"--input {exc}") from None
     runtime = _runtime(args.agent, args.model)
     print(f"calling agent {runtime.spec.name!r} with {args.input} ({caller.size / caller_rate:.1f} s, real time)")
-    call, recording, _ = asyncio.run(simulate_call(runtime, caller, caller_rate, out_rate=args.rate))
+
+    async def call_and_close():
+        try:
+            return await simulate_call(runtime, caller, caller_rate, out_rate=args.rate)
+        finally:
+            await runtime.close()  # the call's record is written before the process ends
+
+    call, recording, _ = asyncio.run(call_and_close())
     stats = call.stats
     if call.errors:
         for error in call.errors:
@@ -471,6 +479,12 @@ def _add_dial(subparsers) -> None:
     declare(subparsers, UsageError)
 
 
+def _add_calls(subparsers) -> None:
+    from agent.calls_cli import declare
+
+    declare(subparsers, UsageError)
+
+
 # -- shared helpers --------------------------------------------------------------
 
 
@@ -525,7 +539,8 @@ def _load(source: str, device):
 # -- entry point -------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable] = [
-    _add_serve, _add_drain, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_dial, _add_engine
+    _add_serve, _add_drain, _add_call, _add_speak, _add_flow, _add_voice, _add_test, _add_calls, _add_dial,
+    _add_engine,
 ]
 
 

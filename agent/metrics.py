@@ -32,11 +32,17 @@ class ServerMetrics:
         # render time so each number has one owner; keyed by owner, so a rebuilt owner replaces its own.
         self._gauges: dict[str, Callable[[], Iterable[Gauge]]] = {}
         self._gauge_failed: set[str] = set()
+        self._counters: dict[str, Callable[[], Iterable[Gauge]]] = {}
 
     def set_gauges(self, owner: str, read: Callable[[], Iterable[Gauge]]) -> None:
         """Render `read()`'s gauges in /metrics from now on, in place of `owner`'s earlier ones."""
         with self._lock:
             self._gauges[owner] = read
+
+    def set_counters(self, owner: str, read: Callable[[], Iterable[Gauge]]) -> None:
+        """As set_gauges, for numbers that only grow (rendered as counters)."""
+        with self._lock:
+            self._counters[owner] = read
 
     def call_refused(self, transport: str, reason: str) -> None:
         """A new call turned away before it started (busy, not ready)."""
@@ -124,8 +130,9 @@ class ServerMetrics:
                 "# TYPE chroma_sip_refusals_total counter",
                 *(f'chroma_sip_refusals_total{{reason="{r}"}} {n}' for r, n in sorted(self.sip_refusals.items())),
             ]
-            sources = list(self._gauges.items())
-        for owner, read in sources:  # outside the lock: the owners' own state is read here
+            sources = [(owner, read, "gauge") for owner, read in self._gauges.items()]
+            sources += [(owner, read, "counter") for owner, read in self._counters.items()]
+        for owner, read, kind in sources:  # outside the lock: the owners' own state is read here
             try:
                 gauges = list(read())
             except Exception:
@@ -134,5 +141,5 @@ class ServerMetrics:
                     logger.exception(f"metrics: the {owner} gauges could not be read (logged once)")
                 continue
             for name, help_text, value in gauges:
-                out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {float(value):g}"]
+                out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
         return "\n".join(out) + "\n"

@@ -4,8 +4,9 @@
     call = runtime.new_call(transport, kind="webrtc")     # any pipecat transport
     stats = await call.run()                              # returns when the call ends; frees the session
 
-A call's frames:  transport.input → [keypad → flow] → user turn (VAD + end of turn) → ChromaS2SService
-                  → transport.output → PlayoutTracker → assistant context
+A call's frames:  transport.input → [record caller → outbound screen → keypad → flow] → user turn (VAD +
+                  end of turn) → ChromaS2SService → transport.output → [record agent] → PlayoutTracker
+                  → assistant context
 
 With a flow file (`flow:` in the agent file) each call runs its own pipecat `FlowManager` from the
 moment its pipeline starts, with the flow's tools and telephony actions bound to that call.
@@ -58,6 +59,7 @@ from processors.chroma.service import (
 from processors.playout import with_playout
 from processors.turn import user_turn_strategies
 from processors.vad import make_vad_analyzer
+from records.recorder import CallerTap, CallRecorder, CallRecords, LineTap
 from voices.profile import load_voice
 
 from .call_control import PipelineCallControl
@@ -199,6 +201,12 @@ class AgentRuntime:
         self.metrics.set_gauges("runtime", self._gauges)
         if isinstance(model, RemoteEngine):
             self.metrics.set_gauges("engine", model.gauges)
+        # Call records (records: in the agent file): one writer for every call; None when off.
+        self.records = CallRecords.from_spec(spec)
+        self.shutting_down = False  # set by the server as it stops: calls ended then end as "shutdown"
+        if self.records is not None:
+            self.metrics.set_gauges("records", self.records.gauges)
+            self.metrics.set_counters("records_written", self.records.counters)
         # Filled in by prepare(); until then a failed reply is reported but nothing plays in its place.
         self.model_error_audio = ModelErrorAudio(hang_up_after=spec.response.on_model_error.hang_up_after)
         self._prepared = False
@@ -210,6 +218,8 @@ class AgentRuntime:
         if self._prepared:
             return
         self._prepared = True
+        if self.records is not None:
+            await self.records.start()
         lines = self.spec.response.on_model_error
         started = time.monotonic()
         apology, goodbye = await self._render(lines.say), await self._render(lines.goodbye)
@@ -221,6 +231,17 @@ class AgentRuntime:
         """`text` in the agent's voice through the model, its length capped to the text's (the tiny
         stand-in never stops by itself): 16-bit PCM at 24 kHz, or None when it could not be rendered."""
         return await self._render(text)
+
+    async def close(self) -> None:
+        """After the last call: what records are queued are written (bounded), then the writer stops."""
+        self.shutting_down = True
+        if self.records is not None:
+            await self.records.close()
+
+    def record_refusal(self, transport: str, reason: str, **ids) -> None:
+        """A call refused as busy, kept as a record ending `busy` (ids: transport_ids, caller, callee)."""
+        if self.records is not None:
+            self.records.refused(transport, reason, **ids)
 
     async def _render(self, text: str) -> bytes | None:
         r = self.spec.response
@@ -393,6 +414,17 @@ class Call:
         self.flow = CallFlow(spec.flow_file, PipelineCallControl(self)) if spec.flow_file is not None else None
         if self.flow is not None:
             self.flow.on_node = lambda name: self.note("node", name=name)
+        self.cancel_reason: str | None = None
+        self.recorder: CallRecorder | None = None
+        if runtime.records is not None:
+            dtmf = spec.flow_file.dtmf if spec.flow_file is not None else {}
+            self.recorder = runtime.records.recorder(
+                transport=kind,
+                in_rate=in_rate,
+                voice=spec.voice_folder.name,
+                sensitive=lambda node: bool(getattr(dtmf.get(node), "sensitive", False)),
+            )
+            self.recorder.identify({"call_id": call_id})
         vad = make_vad_analyzer(
             spec.vad.analyzer,
             aggressiveness=spec.vad.aggressiveness,
@@ -421,14 +453,22 @@ class Call:
             self.context,
             user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=strategies),
         )
+        output, tracker = with_playout(transport)
         pipeline = Pipeline(
             [
                 transport.input(),
+                *([CallerTap(self.recorder)] if self.recorder is not None else []),
                 *([screen] if screen is not None else []),
                 *([DTMFInput(self.flow.digits)] if self.flow is not None else []),
                 self.aggregators.user(),
                 self.service,
-                *with_playout(transport),
+                output,
+                *(
+                    [LineTap(self.recorder, unplayed=getattr(output, "unplayed_seconds", None))]
+                    if self.recorder is not None and self.recorder.recording is not None
+                    else []
+                ),
+                tracker,
                 self.aggregators.assistant(),
             ]
         )
@@ -498,23 +538,29 @@ class Call:
             self._flow_start = asyncio.create_task(start_for_a_person(), name=f"flow-{self.stats.call_id}")
 
     def _wire_events(self):
-        stats, metrics, service = self.stats, self.runtime.metrics, self.service
+        stats, metrics, service, recorder = self.stats, self.runtime.metrics, self.service, self.recorder
 
         @service.event_handler("on_turn_started")
         async def _turn(_service, turn):
             stats.turns = turn
             metrics.turn()
+            if recorder is not None:
+                recorder.reply_started(turn)
 
         @service.event_handler("on_first_audio")
         async def _first_audio(_service, seconds):
             stats.ttfa.append(seconds)
             metrics.first_audio(seconds)
+            if recorder is not None:
+                recorder.first_audio(seconds)
             await self.tell_client({"event": "ttfa", "turn": stats.turns, "ms": round(seconds * 1000)})
 
         told = {"turn": 0, "seconds": 0.0}  # the reply the page last heard about, and how far
 
         @service.event_handler("on_reply_progress")
         async def _progress(_service, text, seconds):
+            if recorder is not None:
+                recorder.reply_progress(seconds)
             # The page's transcript fills as the reply goes, not only once it ends (a long reply, or
             # the caller hanging up first, would leave it empty).
             if told["turn"] != stats.turns or seconds - told["seconds"] >= PROGRESS_EVERY_SECS:
@@ -546,10 +592,14 @@ class Call:
         async def _tool_call(_service, call):
             self.tool_calls.append((call.name, dict(call.arguments)))
             self.note("tool_call", name=call.name, arguments=dict(call.arguments))
+            if recorder is not None:
+                recorder.tool_call(call.call_id, call.name, dict(call.arguments))
 
         @service.event_handler("on_tool_result")
         async def _tool_result(_service, call_id, result):
             self.note("tool_result", call_id=call_id)
+            if recorder is not None:
+                recorder.tool_result(call_id, result)
 
         @service.event_handler("on_user_speaking")
         async def _user_speaking(_service, speaking):
@@ -559,6 +609,8 @@ class Call:
         async def _barge_in(_service, heard_frames, sent_frames):
             stats.barge_ins += 1
             stats.cut_replies.append((heard_frames, sent_frames))
+            if recorder is not None:
+                recorder.barge_in(heard_frames, sent_frames)
             kept = service.session.kept_text
             self.note("agent_text", text=kept, interrupted=True, sent_text=service.sent_text)
             metrics.barge_in()
@@ -566,6 +618,31 @@ class Call:
 
     def note(self, kind: str, **data) -> None:
         self.timeline.append((time.monotonic(), kind, data))
+        if self.recorder is not None:
+            self.recorder.note(kind, data)
+
+    def identify(self, transport_ids: dict[str, str], *, caller: str | None = None, callee: str | None = None):
+        """The transport's own ids for this call (Twilio CallSid, SIP Call-ID) and its two ends, for its
+        record; called before run()."""
+        if self.recorder is not None:
+            self.recorder.identify(transport_ids, caller=caller, callee=callee)
+
+    @property
+    def record_id(self) -> str | None:
+        """This call's record (`chroma-agent calls show ID`), or None when records are off."""
+        return self.recorder.record_id if self.recorder is not None else None
+
+    def end_reason(self) -> tuple[str, str | None]:
+        """Why the call ended, as its record says: (reason, detail)."""
+        if self.errors:
+            return "error", self.errors[0]
+        if self.transferred_to is not None:
+            return "transferred", self.transferred_to
+        if self.ended_by_agent:
+            return "agent_ended", None
+        if self.runtime.shutting_down:
+            return "shutdown", self.cancel_reason
+        return "caller_hung_up", self.cancel_reason
 
     async def set_voice(self, ref: str) -> None:
         """Speak from the next reply on in another voice (a flow node's hand-off); memory carries over."""
@@ -583,6 +660,8 @@ class Call:
 
     async def cancel(self, reason: str | None = None) -> None:
         """End the call now (the client is gone: nothing more can be delivered)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
         await self.worker.cancel(reason=reason)
 
     def _task_failed(self, task_name: str, exc: BaseException) -> None:
@@ -597,7 +676,11 @@ class Call:
         """Returns when the call ends: hung up, cancelled, or a task of it failed (see `errors`)."""
         metrics = self.runtime.metrics
         metrics.call_started(self.stats.kind)
-        logger.info(f"call {self.stats.call_id} ({self.stats.kind}) started")
+        record = f", record {self.record_id}" if self.recorder is not None else ""
+        logger.info(f"call {self.stats.call_id} ({self.stats.kind}) started{record}")
+        if self.recorder is not None:
+            self.recorder.start()
+            self.recorder.answered()
         runner = WorkerRunner(
             name=f"call-{self.stats.call_id}", handle_sigint=False, task_manager=CallTasks(self._task_failed)
         )
@@ -613,5 +696,7 @@ class Call:
                 self._flow_start.cancel()
             if isinstance(self.service.session, RemoteSession):
                 self.service.session.close()  # the engine frees the call's session
+            if self.recorder is not None:
+                self.recorder.end(*self.end_reason())
             logger.info(self.stats.summary())
         return self.stats

@@ -49,6 +49,7 @@ from transports.sip.calls import sip_server
 from .access import require_admin
 from .drain import Drain
 from .outbound import OutboundError, OutboundRefused, place_call, route_for
+from .records_routes import add_record_routes
 from .runtime import STAND_IN_NOTICE, AgentRuntime, Call, busy_label
 
 PAGE = Path(__file__).parent / "web" / "index.html"
@@ -126,6 +127,7 @@ class Busy(Exception):
 
 def busy_response(runtime: AgentRuntime, transport: str, reason: str) -> JSONResponse:
     runtime.metrics.call_refused(transport, busy_label(reason))
+    runtime.record_refusal(transport, reason)
     logger.warning(f"{transport} call refused: {reason}")
     return JSONResponse(
         {"error": f"busy: {reason}; try again shortly", "reason": reason},
@@ -168,6 +170,7 @@ class WebRTCCalls:
         try:
             transport = SmallWebRTCTransport(connection, params)
             call = self.runtime.new_call(transport, kind="webrtc", out_rate=WEBRTC_OUT_RATE)
+            call.identify({"pc_id": connection.pc_id})
         except Exception:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
@@ -263,6 +266,7 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
         try:
             yield
         finally:
+            runtime.shutting_down = True  # calls ended from here on end as "shutdown" in their records
             task = app.state.drain_task
             if task is not None and not task.done():  # ended at once, mid-drain: the rest is hung up below
                 task.cancel()
@@ -271,6 +275,7 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
                 await sip.stop()
                 await sip.handler.close()
             await calls.close_all()
+            await runtime.close()
 
     app = FastAPI(title=f"chroma-agents: {runtime.spec.name}", lifespan=lifespan)
     app.state.runtime = runtime
@@ -368,6 +373,8 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
         except OutboundError as e:
             raise HTTPException(503, str(e)) from e
         return JSONResponse({"id": call_id}, status_code=201)
+
+    add_record_routes(app, runtime)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 from pathlib import Path
 from types import UnionType
@@ -337,6 +338,36 @@ class OutboundSpec(_Section):
         return self
 
 
+DATABASE_URL_ENV = "CHROMA_AGENTS_DATABASE_URL"
+
+
+class RecordsSpec(_Section):
+    """Call records: every call's transcript, events and (optionally) recording, kept in a database."""
+
+    enabled: StrictBool = Field(True, description="Keep a record of every call.")
+    database: NonEmptyText = Field(
+        "calls.db",
+        description="An SQLite file (relative to this file) or a postgresql:// URL; the environment variable "
+        f"{DATABASE_URL_ENV} overrides it.",
+    )
+    recordings: NonEmptyText | None = Field(
+        None, description="A folder (relative to this file) for one stereo WAV per call; off when absent."
+    )
+    retention_days: StrictInt | None = Field(
+        None, ge=1, le=36500, description="Delete records and recordings older than this; off when absent."
+    )
+
+    def database_url(self, base: Path) -> str:
+        """Where records go: the environment's URL, a postgresql:// URL, or the SQLite file's absolute path."""
+        url = os.environ.get(DATABASE_URL_ENV, "").strip() or self.database
+        if url.startswith(("postgresql://", "postgres://", "sqlite:")):
+            return url
+        return str((base / Path(url).expanduser()).resolve())
+
+    def recordings_folder(self, base: Path) -> Path | None:
+        return None if self.recordings is None else (base / Path(self.recordings).expanduser()).resolve()
+
+
 class AgentSpec(_Section):
     """One agent, as written in its agent.yaml."""
 
@@ -382,6 +413,7 @@ class AgentSpec(_Section):
         description="The flow's handlers module, as pipecat's Flow takes it: a Python file relative to this "
         "file, or an importable module name. Default: handlers.py beside the flow file, if there is one.",
     )
+    records: RecordsSpec = Field(default_factory=RecordsSpec, description="Call records and recordings.")
     flow: Text | None = Field(
         None,
         description="A flow file (relative to this file): nodes, tools and telephony actions the calls follow. "

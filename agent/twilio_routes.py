@@ -115,6 +115,9 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
         if busy is not None:
             logger.warning(f"Twilio call {call_sid}: rejected as busy ({busy})")
             runtime.metrics.call_refused("twilio", busy_label(busy))
+            runtime.record_refusal(
+                "twilio", busy, transport_ids={"call_sid": call_sid}, caller=form.get("From"), callee=form.get("To")
+            )
             response = VoiceResponse()
             response.reject(reason="busy")
             return Response(str(response), media_type=TWIML)
@@ -194,6 +197,7 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             dial_out.started(leg, call)  # the flow starts with the values the call was placed with
         else:
             call.flow_state["caller_number"] = params.get("caller", "")[:64]
+        call.identify({"call_sid": start.call_sid, "stream_sid": start.stream_sid}, caller=params.get("caller"))
 
         @transport.event_handler("on_client_disconnected")
         async def _caller_left(_transport, _ws):

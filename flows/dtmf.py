@@ -8,6 +8,7 @@
       routes: {"1": orders, "2": billing}
       default: check_account   # digits that match no route
       on_timeout: main_menu    # no digits at all before the timeout
+      sensitive: true          # card numbers, PINs: call records keep "*" for each key
 
 Without a route, default or on_timeout for what was entered, the node keeps listening.
 """
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 from loguru import logger
 from pipecat.frames.frames import Frame, InputDTMFFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, field_validator
 
 KEYS = re.compile(r"^[0-9*#A-D]+$")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -42,6 +43,9 @@ class DtmfSpec(BaseModel):
     routes: dict[StrictStr, StrictStr] = Field(default_factory=dict, description="Digits to node.")
     default: StrictStr | None = Field(None, description="Node for digits that match no route.")
     on_timeout: StrictStr | None = Field(None, description="Node when nothing was entered in time.")
+    sensitive: StrictBool = Field(
+        False, description="Card numbers, PINs: records keep '*' for each key and recordings mute the caller."
+    )
 
     @field_validator("store_as")
     @classmethod

@@ -62,7 +62,7 @@ def report_dict(results: list[RunResult], limit_checks: dict[str, list[Check]]) 
         "passed": all(r.passed for r in results) and all(c.passed for c in every_limit),
         "status": session_status(results, limit_checks),
         "summary": summary,
-        "runs": [r.to_dict() for r in results],
+        "runs": [{**r.to_dict(), "record_id": record_of(r)} for r in results],
         "limits": {scenario: [c.to_dict() for c in checks] for scenario, checks in limit_checks.items()},
     }
 
@@ -73,6 +73,11 @@ def session_status(results: list[RunResult], limit_checks: dict[str, list[Check]
     if any(r.status == "fail" for r in results) or any(c.failed for c in limits):
         return "fail"
     return "skip" if any(r.status == "skip" for r in results) else "pass"
+
+
+def record_of(result: RunResult) -> str | None:
+    """The id of the run's call record (`chroma-agent calls show ID`), when records were kept."""
+    return getattr(result, "record_id", None)
 
 
 def progress_line(result: RunResult, runs: int | None = None) -> str:
@@ -88,6 +93,8 @@ def progress_line(result: RunResult, runs: int | None = None) -> str:
         f"{result.transport}  first audio p50 {p50}  {failed} failed"
     )
     line += f", {skipped} skipped" if skipped else ""
+    if record_of(result):
+        line += f"  record {record_of(result)}"
     return line + (f"  (error: {_one_line(result.error)})" if result.error else "")
 
 
@@ -110,7 +117,7 @@ def summary_table(results: list[RunResult], limit_checks: dict[str, list[Check]]
         )
     failures, skips = [], []
     for r in results:
-        where = f"{r.scenario} [run {r.run}] ({r.transport})"
+        where = f"{r.scenario} [run {r.run}] ({r.transport})" + (f" record {record_of(r)}" if record_of(r) else "")
         if r.error:
             failures.append(f"- **{where}**: the run did not complete: {_one_line(r.error)}")
         for c in r.checks:

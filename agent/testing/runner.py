@@ -97,6 +97,11 @@ class ScenarioRunner:
                 logger.warning("closing the line after the run failed:\n" + traceback.format_exc())
             if line.call is not None:
                 result.events = _events(line, scenario, caller_events, ended_by_agent, end_s)
+                result.record_id = line.call.record_id  # the call's record, named in the reports
+            try:
+                await line.runtime.close()  # its record written before the next run
+            except Exception:
+                logger.warning("closing the run's records failed:\n" + traceback.format_exc())
         if error is not None:
             result.error = error
             t_ms = 1000 * line.now() if line is not None else 0.0

@@ -230,7 +230,7 @@ def test_unknown_key_without_a_close_match_lists_the_keys(folder):
     path = write(folder, "colour: blue\n" + BASE)
     assert str(problems(path)) == (
         f"{path}:1: colour: unknown key; expected one of name, model, device, engine, max_sessions, drain_seconds, voice, system_prompt, vad, turn, "
-        "response, transports, outbound, handlers, flow"
+        "response, transports, outbound, handlers, records, flow"
     )
 
 

@@ -150,6 +150,8 @@ class SipCalls:
             self._spawn(dialog.hang_up())
             return
         media.call.flow_state["caller_number"] = _caller_number(dialog)
+        invite = dialog.invite
+        media.call.identify({"sip_call_id": dialog.call_id}, caller=str(invite.from_.uri), callee=str(invite.to.uri))
         media.session.start()
         media.task = self._spawn(self._run(dialog, media))
         media.watchdog = self._spawn(self._watch(dialog, media))
@@ -240,7 +242,7 @@ def sip_server(runtime: AgentRuntime, spec: SIPTransportSpec | None = None, **se
         auth = DigestAuthenticator(
             spec.auth.realm, {spec.auth.username: password}, algorithm=spec.auth.algorithm
         )
-    server = SipServer(
+    server = _RecordedSipServer(
         SipCalls(runtime, spec),
         host=spec.host,
         port=spec.port,
@@ -254,6 +256,27 @@ def sip_server(runtime: AgentRuntime, spec: SIPTransportSpec | None = None, **se
     )
     runtime.metrics.set_gauges("sip", lambda: _gauges(server))
     return server
+
+
+class _RecordedSipServer(SipServer):
+    """The SIP server whose busy refusals (486 to a new INVITE, from the server's own check or the
+    handler's) are kept as call records ending `busy`."""
+
+    def __init__(self, handler: SipCalls, **options):
+        super().__init__(handler, **options)
+        self._runtime = handler.runtime
+
+    def respond(self, tx, status: int, reason: str | None = None, **options) -> None:
+        request = tx.request
+        if status == 486 and request.method == "INVITE":
+            try:
+                self._runtime.record_refusal(
+                    "sip", reason or "Busy Here", transport_ids={"sip_call_id": request.call_id},
+                    caller=str(request.from_.uri), callee=str(request.to.uri),
+                )  # fmt: skip
+            except Exception:  # a refusal is answered whatever its record does
+                logger.exception("SIP busy refusal could not be recorded")
+        super().respond(tx, status, reason, **options)
 
 
 def _gauges(server: SipServer):

@@ -178,7 +178,7 @@ class FakeDialog:
         self.handler, self.call_id = handler, call_id
         self.confirmed = self.ended = False
         self.hung_up = 0
-        self.invite = SimpleNamespace(from_=SimpleNamespace(uri=caller))
+        self.invite = SimpleNamespace(from_=SimpleNamespace(uri=caller), to=SimpleNamespace(uri="sip:agent@192.0.2.1"))
         self.referred = []
 
     async def refer(self, target):
@@ -198,6 +198,10 @@ class FakeCall:
         self.lasts, self.cancelled = lasts, None
         self._stop = asyncio.Event()
         self.flow_state = {}
+        self.identity = None  # what the transport told the call's record
+
+    def identify(self, transport_ids, *, caller=None, callee=None):
+        self.identity = (transport_ids, caller, callee)
 
     async def run(self):
         try:
@@ -225,6 +229,10 @@ class FakeRuntime:
         self.calls, self.lasts, self.made, self.transports = {}, lasts, [], []
         self.reserved = set()
         self.metrics = ServerMetrics()
+        self.refusals = []  # calls refused as busy, as kept in the records
+
+    def record_refusal(self, transport, reason, **ids):
+        self.refusals.append((transport, reason, ids))
 
     def new_call(self, transport, *, kind, call_id, in_rate, out_rate):
         assert (kind, in_rate, out_rate) == ("sip", 8000, 8000) and isinstance(transport, SipCallTransport)
@@ -319,6 +327,7 @@ async def test_bye_cancels_the_running_call():
     await calls.end(dialog, "bye")
     await wait_for(lambda: runtime.made[0].cancelled, timeout=3)
     assert runtime.made[0].cancelled == "SIP bye" and dialog.hung_up == 0
+    assert runtime.made[0].identity == ({"sip_call_id": "fake-1"}, "sip:+15550001111@192.0.2.7", "sip:agent@192.0.2.1")
     assert calls.pool.in_use == set()
     await calls.close()
 
