@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -459,4 +460,6 @@ def serve(runtime: AgentRuntime, host: str = "127.0.0.1", port: int = 8080, publ
     gc.freeze()
     app = create_app(runtime, public_url)
     app.state.listen_host = host  # read by the access checks: loopback-only views need no token
+    if runtime.records is not None:
+        runtime.records.server = f"{socket.gethostname()}:{port}"
     DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info"), app).run()

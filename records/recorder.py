@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ class CallRecords:
         self.config = config
         self._open = store_factory or (lambda: open_store(config.database))
         self.writer = RecordWriter(self._open, max_queue=max_queue)
+        # Which server took each call: a restarted server ends (as a crash) only the calls it left open,
+        # not the live calls of others sharing the database. `serve` adds its port.
+        self.server = socket.gethostname()
+        self._started_at = time.time()
         self._started = False
         self._writing = False
 
@@ -107,6 +112,7 @@ class CallRecords:
         if self._started:
             return
         self._started = self._writing = True
+        self._started_at = time.time()
         await self.writer.start()
         try:
             await asyncio.wait_for(asyncio.to_thread(self._housekeeping), timeout=30)
@@ -119,7 +125,7 @@ class CallRecords:
     def _housekeeping(self) -> None:
         store = self._open()
         try:
-            crashed = store.mark_unfinished("crash")
+            crashed = store.mark_unfinished("crash", server=self.server, started_before=self._started_at)
             if crashed:
                 logger.warning(f"call records: {len(crashed)} calls left open by a stopped server marked ended by a crash")
             if self.config.retention_days is not None:
@@ -156,6 +162,7 @@ class CallRecords:
             started_at=time.time(),
             voice=voice,
             recording=str(recording.path) if recording is not None else None,
+            server=self.server,
         )
         return CallRecorder(self.writer, info, recording=recording, sensitive=sensitive)
 
@@ -168,7 +175,7 @@ class CallRecords:
         info = CallInfo(
             call_id=new_record_id(), agent=self.config.agent, transport=transport, started_at=now,
             transport_ids={k: str(v)[:200] for k, v in (transport_ids or {}).items() if v},
-            caller=caller or None, callee=callee or None,
+            caller=caller or None, callee=callee or None, server=self.server,
         )  # fmt: skip
         self.writer.start_call(info)
         self.writer.end_call(info.call_id, now, "busy", reason)

@@ -244,3 +244,26 @@ async def test_a_call_ended_by_a_failing_task_records_error_and_its_message(tmp_
         call = line.call
     info, _events = await record_of(runtime, call.record_id)
     assert info.end_reason == "error" and info.end_detail == "feed-caller-audio: RuntimeError: socket buffer gone"
+
+
+async def test_a_restarted_server_ends_only_the_calls_it_left_open(tmp_path):
+    """Several servers share one database: a server that starts marks its own unfinished calls as
+    crashed, never the live calls of another server."""
+    from records.model import CallInfo
+    from records.recorder import RecordsConfig
+
+    db = str(tmp_path / "calls.db")
+    store = open_store(db)
+    store.start_call(CallInfo(call_id="mine", agent="a", transport="sip", started_at=1.0, server="host:8080"))
+    store.start_call(CallInfo(call_id="theirs", agent="a", transport="sip", started_at=1.0, server="host:8081"))
+    store.close()
+    records = CallRecords(RecordsConfig(database=db, recordings=None, retention_days=None, agent="a"))
+    records.server = "host:8080"
+    await records.start()
+    await records.close()
+    store = open_store(db)
+    try:
+        assert store.get_call("mine")[0].end_reason == "crash"
+        assert store.get_call("theirs")[0].end_reason is None
+    finally:
+        store.close()
