@@ -119,7 +119,8 @@ import yaml
 
 from flows.problems import FlowFileError, Lines, Loc, Problem, dotted, show
 
-TRANSPORTS = ("inprocess", "twilio", "sip", "webrtc")
+# The *-outbound lines turn a scenario round: the agent places the call and the turns are the callee's.
+TRANSPORTS = ("inprocess", "twilio", "sip", "webrtc", "sip-outbound", "twilio-outbound")
 LIMIT_KEYS = ("first_audio_ms", "barge_in_stop_ms")
 PERCENTILES = ("p50", "p95")
 DTMF = re.compile(r"[0-9*#A-D]+")
