@@ -219,6 +219,7 @@ class FakeRuntime:
 
     max_sessions = 32
     engine_status = None
+    draining = False
     busy_reason = AgentRuntime.busy_reason
     engine_state = AgentRuntime.engine_state
     reserve = AgentRuntime.reserve
