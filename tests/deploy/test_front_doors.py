@@ -215,7 +215,7 @@ async def test_a_drained_server_finishes_its_calls_takes_no_new_ones_and_exits_0
     fresh = await asyncio.to_thread(doors.sipp(calls=3, rate=5, hold_ms=300, timeout=30).finish)
     assert (fresh.successful, fresh.failed) == (3, 0), fresh.errors()
     new = delta(doors.sip_calls(), before)
-    assert new[1] == 0 and new[0] == 3, new
+    assert new[1] == 0 and sum(new) == 3, new  # none on the draining server (another may be down)
     webhook = await doors.twilio_call(seconds=1)
     assert webhook == (200, None)  # a webhook on server 1 was answered 503 and retried by HAProxy
     await asyncio.to_thread(held.finish)
