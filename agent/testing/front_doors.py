@@ -241,11 +241,13 @@ class Kamailio(_Process):
         self.dispatcher_list.write_text(
             "".join(f"1 sip:{HOST}:{port} 0 0 name=server-{i}\n" for i, port in enumerate(sip_ports))
         )
+        # One UDP worker: with several, a 180 and the 200 after it may leave in either order (legal SIP, but
+        # SIPp aborts a call on a 180 that comes late), and the tests count calls, not reorderings.
         self.command = [
             KAMAILIO, "-f", str(DEPLOY / "kamailio.cfg"), "-DD", "-E", "-m", "64", "-M", "8",
             "-Y", str(folder), "-P", str(folder / "kamailio.pid"), "-w", str(folder),
             "-A", f"SIP_LISTEN=udp:{HOST}:{self.port}", "-A", f'DISPATCHER_LIST="{self.dispatcher_list}"',
-            "-A", f"PROBE_SECONDS={probe_seconds}", "-A", f"FIRST_REPLY_MS={first_reply_ms}", "-A", "WORKERS=2",
+            "-A", f"PROBE_SECONDS={probe_seconds}", "-A", f"FIRST_REPLY_MS={first_reply_ms}", "-A", "WORKERS=1",
         ]  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> Kamailio:

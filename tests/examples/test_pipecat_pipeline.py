@@ -50,9 +50,10 @@ def test_the_example_runs_and_the_agent_answers_after_the_caller(tmp_path):
     heard = np.flatnonzero(np.abs(reply) > 0)
     assert heard.size, "the agent said nothing"
     caller_secs = read_audio(CALLER).size / 22050
-    # it answered the caller's turn (not before the caller had spoken), and within the 2 s cap
+    # it answered the caller's turn (not before the caller had spoken), and within the 2 s cap (counted
+    # in samples: on a busy machine the reply's chunks may play with gaps between them)
     assert heard[0] / 24000 > caller_secs
-    assert (heard[-1] - heard[0]) / 24000 <= 2.0 + 0.2
+    assert heard.size / 24000 <= 2.0 + 0.2
 
 
 def test_built_from_a_model_and_a_voice(tiny_model):
