@@ -258,30 +258,10 @@ def _load_tool(path: str | None) -> Path | None:
 
 
 def _run_load(tool: Path, server, calls: int, seconds: float, caller_wav: Path, folder: Path) -> dict:
-    from bench.pipeline.common import CALLER_SILENCE_SECS, CALLER_SPEECH_SECS, REPLY_SECS
+    from bench.pipeline.load import load_command
 
     report = folder / f"load-{server.port}-{calls}.json"
-    command = [
-        sys.executable,
-        str(tool),
-        "load",
-        "--url",
-        server.url,
-        "--calls",
-        str(calls),
-        "--seconds",
-        str(seconds),
-        "--caller-wav",
-        str(caller_wav),
-        "--speech-secs",
-        str(CALLER_SPEECH_SECS),
-        "--silence-secs",
-        str(CALLER_SILENCE_SECS),
-        "--tone-secs",
-        str(REPLY_SECS),
-        "--report",
-        str(report),
-    ]
+    command = load_command(tool, server.url, calls, seconds, caller_wav, report)
     limit = seconds + calls / 20.0 + 90
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit)

@@ -123,21 +123,7 @@ class Baresip:
         ctrl_port = _free_port(socket.SOCK_STREAM)
         silence = write_pcm(folder / "silence.wav", np.zeros(RATE * SILENCE_SECS, np.int16))
         config = await asyncio.to_thread(configure, folder, silence, ctrl_port=ctrl_port)
-        log = (folder / "baresip.log").open("wb")
-        process = await asyncio.create_subprocess_exec(
-            BARESIP, "-f", str(config), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT_SECS
-        while True:
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", ctrl_port)
-                break
-            except OSError:
-                if process.returncode is not None or time.monotonic() > deadline:
-                    process.kill()
-                    raise RuntimeError(f"baresip did not start its control port: {cls._log_tail(folder)}") from None
-                await asyncio.sleep(0.05)
+        process, reader, writer = await launch(folder, config, ctrl_port)
         phone = cls(folder, silence, process, reader, writer)
         await phone.command("dial", uri)
         deadline = time.monotonic() + START_TIMEOUT_SECS
@@ -261,3 +247,24 @@ class Baresip:
         self._events.cancel()
         await asyncio.gather(self._watch, self._events, return_exceptions=True)
         self._writer.close()
+
+
+async def launch(folder: Path, config: Path, ctrl_port: int):
+    """Start baresip on `config` (its log in `folder`) and connect to its control port:
+    (process, reader, writer). Killed, with its log's tail in the error, when the port never opens."""
+    log = (folder / "baresip.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        BARESIP, "-f", str(config), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+    )
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT_SECS
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ctrl_port)
+            return process, reader, writer
+        except OSError:
+            if process.returncode is not None or time.monotonic() > deadline:
+                process.kill()
+                await process.wait()
+                raise RuntimeError(f"baresip did not start its control port: {Baresip._log_tail(folder)}") from None
+            await asyncio.sleep(0.05)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .baresip import BARESIP, RATE, SILENCE_SECS, START_TIMEOUT_SECS, Baresip, configure, write_pcm
+from .baresip import RATE, SILENCE_SECS, Baresip, configure, launch, write_pcm
 from .lines import LINES, SipLine
 
 ANSWER_TIMEOUT_SECS = 20.0
@@ -39,24 +38,7 @@ async def answering_phone(folder: Path) -> tuple[Baresip, str]:
     listen = re.search(r"^sip_listen\s+127\.0\.0\.1:(\d+)", (config / "config").read_text(), re.M)
     if listen is None:
         raise RuntimeError(f"{config / 'config'}: no sip_listen address for the callee")
-    log = (folder / "baresip.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        BARESIP, "-f", str(config), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-    )
-    log.close()
-    deadline = time.monotonic() + START_TIMEOUT_SECS
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", ctrl_port)
-            break
-        except OSError:
-            if process.returncode is not None or time.monotonic() > deadline:
-                process.kill()
-                await process.wait()
-                raise RuntimeError(
-                    f"baresip did not start its control port: {Baresip._log_tail(folder)}"
-                ) from None
-            await asyncio.sleep(0.05)
+    process, reader, writer = await launch(folder, config, ctrl_port)
     return Baresip(folder, silence, process, reader, writer), f"sip:callee@127.0.0.1:{listen.group(1)}"
 
 

@@ -325,29 +325,19 @@ def make_servers(args, folder: Path) -> list[Server]:
     return servers
 
 
+def load_command(tool: Path, url: str, calls: int, seconds: float, caller_wav: Path, report: Path) -> list[str]:
+    """The load generator's command line: `calls` callers on `url` for `seconds`, each speaking and
+    pausing as the benchmark's callers do, its report written to `report`."""
+    return [
+        sys.executable, str(tool), "load", "--url", url, "--calls", str(calls), "--seconds", str(seconds),
+        "--caller-wav", str(caller_wav), "--speech-secs", str(CALLER_SPEECH_SECS),
+        "--silence-secs", str(CALLER_SILENCE_SECS), "--tone-secs", str(REPLY_SECS), "--report", str(report),
+    ]  # fmt: skip
+
+
 def run_load(server: Server, calls: int, seconds: float, caller_wav: Path, folder: Path) -> dict:
     report = folder / f"load-{server.framework}-{server.vad}-{calls}.json"
-    cmd = [
-        sys.executable,
-        str(BASELINE_TOOL),
-        "load",
-        "--url",
-        server.url,
-        "--calls",
-        str(calls),
-        "--seconds",
-        str(seconds),
-        "--caller-wav",
-        str(caller_wav),
-        "--speech-secs",
-        str(CALLER_SPEECH_SECS),
-        "--silence-secs",
-        str(CALLER_SILENCE_SECS),
-        "--tone-secs",
-        str(REPLY_SECS),
-        "--report",
-        str(report),
-    ]
+    cmd = load_command(BASELINE_TOOL, server.url, calls, seconds, caller_wav, report)
     limit = seconds + calls / 20.0 + 90
     t0 = time.monotonic()
     try:
