@@ -11,6 +11,7 @@ import dataclasses
 import json
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -42,7 +43,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-class SqlStore:
+class SqlStore(ABC):
     """Calls and events on a SQL database; every method is one transaction, serialized by a lock so that
     the writer's thread and readers (the web view, the CLI) can share one store."""
 
@@ -51,15 +52,17 @@ class SqlStore:
 
     # -- supplied by the database ---------------------------------------------
 
+    @abstractmethod
     def _transaction(self, write: bool = True) -> AbstractContextManager[Query]:
         """A transaction; `write=False` for reads, which then take no write lock (SQLite)."""
-        raise NotImplementedError
 
-    def _has_table(self, q: Query, name: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def _has_table(self, q: Query, name: str) -> bool: ...
 
     def _lock_for_migration(self, q: Query) -> None:
-        """Keep two processes from migrating the same database at once."""
+        """Keep two processes from migrating the same database at once (SQLite: its write transaction
+        already does)."""
+        return None
 
     # -- schema -----------------------------------------------------------------
 

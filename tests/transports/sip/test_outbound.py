@@ -10,7 +10,6 @@ import hashlib
 import random
 import re
 import shutil
-import socket
 import time
 import wave
 from pathlib import Path
@@ -22,6 +21,7 @@ from agent.outbound import place_call, placed_call
 from agent.runtime import AgentRuntime
 from agent.spec import load_agent
 from processors.audio import ulaw_encode
+from tests.agent.test_sip_call import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -36,25 +36,6 @@ def engine_keeps_up(monkeypatch):
     """The engine's real-time verdict (measured on this shared, loaded CPU) would refuse calls as busy;
     these tests are about the calls, and the capacity rules have their own tests (tests/agent/test_dial.py)."""
     monkeypatch.setattr(AgentRuntime, "engine_state", lambda self: None)
-
-
-def free_port(span: int = 1) -> int:
-    """A port P with P..P+span-1 free on 127.0.0.1 (SIPp's media port takes the ones after it too)."""
-    for _ in range(200):
-        port = random.randrange(20000, 60000, 2)
-        sockets = []
-        try:
-            for offset in range(span):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(sock)
-                sock.bind((HOST, port + offset))
-            return port
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free UDP port found")
 
 
 def make_runtime(folder: Path, model, *, outbound: str = "{}", sip_extra: str = "") -> AgentRuntime:
