@@ -4,6 +4,9 @@ one's SDP to a `SipCallHandler`, which owns the media.
 One datagram in: parse (malformed ones are answered 400 when they can be, else dropped and counted),
 route through the server transactions, then by method: a new INVITE makes a `Dialog`, in-dialog
 requests go to theirs, responses go to the client transaction of our own BYE or REFER.
+
+The server is each dialog's `DialogHost`: a dialog sends, starts client transactions and leaves the
+table only through that Protocol, and the server changes a dialog's state only through its methods.
 """
 
 from __future__ import annotations
@@ -14,14 +17,22 @@ import re
 import socket
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any
 
 from loguru import logger
 
 from .auth import AllowList, DigestAuthenticator
-from .dialog import ALLOW, SDP, CallRejected, ClientTransaction, Dialog
+from .dialog import ALLOW, SDP, CallRejected, Dialog, LocalEnd, SipCallHandler
 from .message import SipMessage, SipRequest, SipResponse, canonical_name, new_tag
-from .transaction import Address, DialogAck, ServerTransaction, TransactionLayer, response_address
+from .transaction import (
+    Address,
+    ClientTransaction,
+    DialogAck,
+    ServerTransaction,
+    TransactionLayer,
+    response_address,
+)
 from .values import _TOKEN, SIP_VERSION, CSeq, SipParseError, Via, _split_commas
 
 __all__ = ["CallRejected", "Dialog", "SipCallHandler", "SipServer"]
@@ -30,8 +41,6 @@ __all__ = ["CallRejected", "Dialog", "SipCallHandler", "SipServer"]
 NOT_ALLOWED = frozenset({"REGISTER", "SUBSCRIBE", "PUBLISH", "MESSAGE", "UPDATE", "PRACK", "REFER"})
 SHUTDOWN_GRACE = 2.0  # seconds stop() waits for BYE answers and pending offers
 _LOGGED_LIMIT = 4096  # (source, kind) pairs remembered for log-once; a flood must not grow it forever
-# Status for an INVITE still unanswered when its dialog ends, by why it ended.
-_UNANSWERED_STATUS = {"cancel": 487, "bye": 487, "shutdown": 503, "hangup": 480}
 # Final responses that refuse a request, by the reason they are counted under (on_refusal).
 REFUSALS = {
     400: "bad_request",
@@ -47,19 +56,6 @@ REFUSALS = {
     501: "not_implemented",
     503: "unavailable",
 }
-
-
-class SipCallHandler(Protocol):
-    async def offer(self, dialog: Dialog, sdp: bytes) -> bytes:
-        """Initial INVITE (dialog.confirmed is False) or re-INVITE (True): return our SDP answer,
-        or raise CallRejected (sdp.SdpError may also be raised: answer 488)."""
-
-    async def start(self, dialog: Dialog) -> None:
-        """The ACK for our 2xx to the initial INVITE arrived: the call runs (return quickly)."""
-
-    async def end(self, dialog: Dialog, reason: str) -> None:
-        """The dialog is over: 'bye', 'cancel', 'no_ack', 'hangup' or 'shutdown'. Called exactly once
-        for every dialog whose offer() succeeded."""
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -105,7 +101,7 @@ class SipServer:
         self.max_calls = max_calls
         self.user_agent = user_agent
         self.t1, self.t2, self.t4 = t1, t2, t4
-        self.dialogs: dict[str, Dialog] = {}
+        self._dialogs: dict[str, Dialog] = {}  # changed only by _add and forget
         self.counts: Counter[str] = Counter()
         self.transactions = TransactionLayer(self.send, t1=t1, t2=t2, t4=t4)
         self._client_transactions: dict[str, ClientTransaction] = {}
@@ -136,10 +132,8 @@ class SipServer:
     async def stop(self) -> None:
         """BYE to every answered call, end(..., 'shutdown') for all, then close the socket."""
         self._stopping = True
-        ending = [
-            self._spawn(self.terminate(d, "shutdown", send_bye=d.ok_bytes is not None), "shutdown")
-            for d in list(self.dialogs.values())
-        ]
+        dialogs = list(self._dialogs.values())
+        ending = [self._spawn(d.end("shutdown", send_bye=True), "shutdown") for d in dialogs]
         pending = ending + [t for t in self._tasks if t not in ending]
         if pending:
             _, late = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
@@ -162,9 +156,6 @@ class SipServer:
             self._transport.sendto(data, addr)
         except (OSError, ValueError) as exc:
             self._note("send_error", addr, f"could not send to {addr[0]}:{addr[1]}: {exc}")
-
-    def response_destination(self, request: SipRequest, addr: Address) -> Address:
-        return response_address(request, addr)
 
     def start_request(self, request: SipRequest, addr: Address) -> ClientTransaction:
         transaction = ClientTransaction(self.send, request, addr, self.t1, self.t2)
@@ -202,12 +193,27 @@ class SipServer:
             except Exception:
                 logger.exception("SIP on_refusal failed")
 
+    # The dialog table ----------------------------------------------------------------------------
+
+    @property
+    def dialogs(self) -> MappingProxyType[str, Dialog]:
+        """The calls held, by Call-ID: ringing, awaiting their ACK or running (read-only)."""
+        return MappingProxyType(self._dialogs)
+
+    def _add(self, dialog: Dialog) -> None:
+        self._dialogs[dialog.call_id] = dialog
+
+    def forget(self, dialog: Dialog) -> None:
+        """A dialog leaves the table (it calls this itself as it ends)."""
+        if self._dialogs.get(dialog.call_id) is dialog:
+            del self._dialogs[dialog.call_id]
+
     # Capacity ----------------------------------------------------------------------------------
 
     @property
     def awaiting_ack(self) -> int:
         """Calls answered 200 OK whose ACK has not come: each holds a call slot and its media."""
-        return sum(1 for d in self.dialogs.values() if d.ok_bytes is not None and not d.confirmed and not d.ended)
+        return sum(1 for d in self._dialogs.values() if d.answered and not d.confirmed and not d.ended)
 
     def not_ready_reason(self) -> str | None:
         """Why a new call would be refused now, or None. Every dialog counts against max_calls,
@@ -216,46 +222,20 @@ class SipServer:
             return "shutting down"
         if self._draining:
             return "draining"
-        if len(self.dialogs) >= self.max_calls:
-            return f"{len(self.dialogs)} calls of max_calls {self.max_calls}"
+        if len(self._dialogs) >= self.max_calls:
+            return f"{len(self._dialogs)} calls of max_calls {self.max_calls}"
         if self.busy is not None:
             return self.busy()
         return None
 
     # Ending dialogs ----------------------------------------------------------------------------
 
-    async def terminate(self, dialog: Dialog, reason: str, *, send_bye: bool = False) -> None:
-        """End `dialog` once: an unanswered INVITE gets its final response, an answered call its BYE
-        (if `send_bye`), and the handler hears `end` (for an offer still running: when it returns)."""
-        if dialog.ended:
-            return
-        dialog.close()
-        dialog.end_reason = reason
-        if self.dialogs.get(dialog.call_id) is dialog:
-            del self.dialogs[dialog.call_id]
-        bye = dialog.start_bye() if send_bye and dialog.ok_bytes is not None else None
-        if dialog.ok_bytes is None and dialog.invite_tx is not None:
-            status = _UNANSWERED_STATUS.get(reason, 480)
-            self.respond(dialog.invite_tx, status, to_tag=dialog.local_tag, refusal=reason if status == 503 else None)
-        await self.notify_end(dialog, reason)
-        if bye is not None:
-            await bye.result
-
     def on_no_ack(self, dialog: Dialog) -> None:
         self.refused("no_ack")
         logger.warning(
             "no ACK for our 2xx on call {} from {}: hanging up", dialog.call_id, dialog.remote_addr
         )
-        self._spawn(self.terminate(dialog, "no_ack", send_bye=True), "no_ack")
-
-    async def notify_end(self, dialog: Dialog, reason: str) -> None:
-        if not dialog.offer_succeeded or dialog.end_notified:
-            return
-        dialog.end_notified = True
-        try:
-            await self.handler.end(dialog, reason)
-        except Exception:
-            logger.exception("call handler failed in end() for call {}", dialog.call_id)
+        self._spawn(dialog.end("no_ack", send_bye=True), "no_ack")
 
     # Receiving ---------------------------------------------------------------------------------
 
@@ -319,12 +299,11 @@ class SipServer:
         transaction.receive(response)
 
     def _on_ack(self, ack: SipRequest) -> None:
-        dialog = self.dialogs.get(ack.call_id)
+        dialog = self._dialogs.get(ack.call_id)
         if dialog is None or not dialog.matches(ack) or not dialog.acked(ack):
             self.counts["stray_ack"] += 1  # a late duplicate, or for a call already over
             return
-        if not dialog.confirmed:
-            dialog.confirmed = True
+        if dialog.confirm():
             self._spawn(self.handler.start(dialog), f"start() for call {dialog.call_id}")
 
     def _on_request(self, tx: ServerTransaction, addr: Address) -> None:
@@ -334,7 +313,7 @@ class SipServer:
         if uri is None:
             self.respond(tx, 416, "Unsupported URI Scheme")
             return
-        dialog = self.dialogs.get(request.call_id)
+        dialog = self._dialogs.get(request.call_id)
         in_dialog = request.to.tag is not None
         if in_dialog and method != "CANCEL" and (dialog is None or not dialog.matches(request)):
             self.respond(tx, 481)
@@ -351,7 +330,7 @@ class SipServer:
                 self.respond(tx, 481)
                 return
             self.respond(tx, 200)
-            self._spawn(self.terminate(dialog, "bye"), f"BYE for call {dialog.call_id}")
+            self._spawn(dialog.end("bye"), f"BYE for call {dialog.call_id}")
         elif method == "OPTIONS":
             # A dispatcher's keep-alive probe (Kamailio): 503 while a new call would be refused takes
             # this server out of its rotation until the probe is answered 200 again.
@@ -372,7 +351,7 @@ class SipServer:
 
     def _on_invite(self, tx: ServerTransaction, addr: Address) -> None:
         request = tx.request
-        existing = self.dialogs.get(request.call_id)
+        existing = self._dialogs.get(request.call_id)
         if existing is not None:
             if existing.remote_tag == request.from_.tag and existing.invite.cseq == request.cseq:
                 # A retransmission after our 2xx ended the transaction: re-send the 2xx (§13.3.1.4).
@@ -401,16 +380,16 @@ class SipServer:
             return
         if not self._acceptable_body(tx, initial=True):
             return
-        dialog = Dialog(self, request, addr, new_tag(), self._advertised_host(addr))
-        dialog.invite_tx = tx
-        self.dialogs[dialog.call_id] = dialog
+        local = LocalEnd(self._advertised_host(addr), self.port, self.user_agent)
+        dialog = Dialog(self, self.handler, tx, new_tag(), local, t1=self.t1, t2=self.t2)
+        self._add(dialog)
         self.respond(tx, 100)
         self.respond(tx, 180, to_tag=dialog.local_tag, headers=[("Contact", dialog.local_contact)])
         self._spawn(dialog.answer(tx, request), f"offer() for call {dialog.call_id}")
 
     def _on_reinvite(self, tx: ServerTransaction, dialog: Dialog) -> None:
         request = tx.request
-        if dialog.ok_bytes is None:
+        if not dialog.answered:
             # §14.2: the first INVITE is still unanswered.
             self.respond(
                 tx,
@@ -419,23 +398,18 @@ class SipServer:
                 headers=[("Retry-After", "1")],
             )
             return
-        if dialog.reinvite_pending or dialog.pending_invite is not None:
+        if dialog.offer_pending:
             self.respond(tx, 491)  # §14.2: an offer of ours or theirs is still outstanding
             return
-        if request.cseq.number <= dialog.remote_cseq:
+        if not dialog.take_cseq(request):
             self.respond(tx, 500, "Server Internal Error (CSeq out of order)")
             return
-        dialog.remote_cseq = request.cseq.number
         if not request.body:
-            # A session refresh without SDP: our current SDP goes as the offer; the ACK's answer is ignored.
-            dialog.send_ok(request, dialog.ok(request, dialog.local_sdp))
-            tx.close()
+            dialog.refresh(tx)
             return
         if not self._acceptable_body(tx, initial=False):
             return
-        if (contact := request.contact_uri) is not None:
-            dialog.remote_uri = str(contact)  # §12.2.2: a target refresh
-        dialog.reinvite_pending = True
+        dialog.begin_reinvite(request)
         self.respond(tx, 100)
         self._spawn(dialog.answer(tx, request), f"re-INVITE offer() for call {dialog.call_id}")
 
@@ -462,15 +436,14 @@ class SipServer:
         if invite_tx is None:
             self.respond(tx, 481)
             return
-        dialog = self.dialogs.get(tx.request.call_id)
+        dialog = self._dialogs.get(tx.request.call_id)
         to_tag = dialog.local_tag if dialog is not None else None
         self.respond(tx, 200, to_tag=to_tag)
         final_sent = invite_tx.last_response is not None and invite_tx.last_response.status >= 200
         if final_sent:
             return  # §9.2: too late, the CANCEL has no effect
         if dialog is not None and dialog.invite_tx is invite_tx:
-            dialog.cancelled = True
-            self._spawn(self.terminate(dialog, "cancel"), f"CANCEL for call {dialog.call_id}")
+            self._spawn(dialog.end("cancel"), f"CANCEL for call {dialog.call_id}")
         else:
             self.respond(invite_tx, 487, to_tag=to_tag)  # a re-INVITE still being answered
 

@@ -1,4 +1,5 @@
-"""SIP server transactions over UDP (RFC 3261 §17.2): match requests, absorb retransmissions, run the timers.
+"""SIP transactions over UDP (RFC 3261 §17): the server side (§17.2) matches requests, absorbs
+retransmissions and runs the timers; the client side (§17.1.2) carries the requests we send in a dialog.
 
 `TransactionLayer.receive` sits between the UDP socket and the dialog code. A retransmitted request
 re-sends the transaction's last response and goes no further; a new request creates a
@@ -232,3 +233,52 @@ class TransactionLayer:
     def _forget(self, transaction: ServerTransaction) -> None:
         if self._transactions.get(transaction.key) is transaction:
             del self._transactions[transaction.key]
+
+
+class ClientTransaction:
+    """A non-INVITE client transaction over UDP (§17.1.2): Timer E retransmits, starting at T1 and
+    doubling to T2 (every T2 once a provisional response came), Timer F gives up after 64*T1.
+
+    Whoever sends the request routes the responses whose Via branch is `branch` to `receive`."""
+
+    def __init__(self, send: SendDatagram, request: SipRequest, destination: Address, t1: float, t2: float):
+        self.request = request
+        self.branch = request.via.branch or ""
+        self.method = request.method
+        self._send = send
+        self._data = bytes(request)
+        self._destination = destination
+        self._t2 = t2
+        self._interval = t1
+        self._proceeding = False
+        loop = asyncio.get_running_loop()
+        self.result: asyncio.Future[SipResponse | None] = loop.create_future()
+        self._timer_e: asyncio.TimerHandle | None = None
+        self._timer_f = loop.call_later(64 * t1, self._finish, None)
+
+    def start(self) -> None:
+        self._transmit()
+
+    def receive(self, response: SipResponse) -> None:
+        if self.result.done():
+            return
+        if response.status < 200:
+            self._proceeding = True
+            return
+        self._finish(response)
+
+    def cancel(self) -> None:
+        self._finish(None)
+
+    def _transmit(self) -> None:
+        self._send(self._data, self._destination)
+        interval = self._t2 if self._proceeding else self._interval
+        self._interval = min(2 * self._interval, self._t2)
+        self._timer_e = asyncio.get_running_loop().call_later(interval, self._transmit)
+
+    def _finish(self, response: SipResponse | None) -> None:
+        if self._timer_e is not None:
+            self._timer_e.cancel()
+        self._timer_f.cancel()
+        if not self.result.done():
+            self.result.set_result(response)
