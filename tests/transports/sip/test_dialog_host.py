@@ -15,7 +15,9 @@ from transports.sip.transaction import ClientTransaction, ServerTransaction, Tra
 T1, T2 = 0.01, 0.04  # 64*T1 = 0.64 s
 PEER = ("127.0.0.1", 5070)
 LOCAL = LocalEnd("127.0.0.1", 5080, "test-agent")
-SDP_OFFER = b"v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n"
+SDP_OFFER = (
+    b"v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n"
+)
 SDP_ANSWER = SDP_OFFER.replace(b"caller", b"agent").replace(b"6000", b"40000")  # the handler's, opaque here
 
 
