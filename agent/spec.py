@@ -38,6 +38,8 @@ from flows.handlers import resolve_ref
 from flows.problems import (
     FlowFileError,
     Lines,
+    Located,
+    Problem,
     YAMLFileError,
     from_validation,
     known_keys,
@@ -320,11 +322,6 @@ class AgentSpec(Section):
 class AgentFileError(YAMLFileError):
     """A bad agent file; str() is every problem, one per line: `file:line: field: message`."""
 
-    @property
-    def errors(self) -> list[tuple[int | None, str, str]]:
-        """The problems: (line, field, message)."""
-        return self.problems
-
 
 def load_agent(path: str | Path, *, model: str | None = None, library: str | Path | None = None) -> AgentSpec:
     """Read and validate an agent file; `model` replaces the file's model (a relative folder is then
@@ -332,12 +329,12 @@ def load_agent(path: str | Path, *, model: str | None = None, library: str | Pat
     library folder for a voice given by name (default: voices.library.default_library())."""
     root, data = read_mapping(Path(path), AgentFileError, "a mapping with name and voice")
     lines = Lines(root)
-    problems = []
+    problems: list[Problem] = []  # located by their place in the file
     data = dict(data)
     if "path" in data:  # set by load_agent, not by the file
         problems.append((("path",), unknown_key("path", known_keys(AgentSpec))))
         del data["path"]
-    overridden = []
+    overridden: list[Located] = []  # from the command line: no line
     if model is not None:
         data.pop("model", None)
         try:
@@ -351,6 +348,7 @@ def load_agent(path: str | Path, *, model: str | None = None, library: str | Pat
         )
     except ValidationError as exc:
         problems += from_validation(exc, model=AgentSpec)
-    if problems or overridden or lines.duplicates:
-        raise AgentFileError(path, lines.duplicates + overridden + lines.locate(problems))
+    located = lines.duplicates + overridden + lines.locate(problems)
+    if located:
+        raise AgentFileError(path, located)
     return spec
