@@ -50,9 +50,9 @@ from .problems import (
     Lines,
     Loc,
     Problem,
-    dotted,
     format_problem,
     from_validation,
+    include_loader_for,
     read_mapping,
     show,
 )
@@ -133,7 +133,9 @@ def load_flow(path: str | Path, handlers: str | Path | ModuleType | None = None)
     `handlers` is the handlers module: an absolute file path, a module name, or a module; without it,
     a `handlers.py` beside the flow file is used when there is one."""
     path = Path(path)
-    root, data = read_mapping(path, FlowFileError, "a mapping with initial_node and nodes", includes=True)
+    root, data = read_mapping(
+        path, FlowFileError, "a mapping with initial_node and nodes", include_loader_for(path.resolve().parent)
+    )
     lines = Lines(root)
     ref = handlers if handlers is not None else default_ref(path)
     loaded, handler_problems = None, []
@@ -145,14 +147,12 @@ def load_flow(path: str | Path, handlers: str | Path | ModuleType | None = None)
             loaded = UnreadHandlers(str(ref))
     checker = _Checker(path.resolve().parent, data, loaded)
     flow = checker.run(path)
-    located = [(lines.of(loc), dotted(loc), message) for loc, message in checker.problems]
-    problems = lines.duplicates + handler_problems + located
+    problems = lines.duplicates + handler_problems + lines.locate(checker.problems)
     if problems:
         raise FlowFileError(path, problems)
 
     def at(items: list[Problem]) -> list[str]:
-        located = sorted(((lines.of(loc), dotted(loc), m) for loc, m in items), key=lambda p: p[0])
-        return [format_problem(path, *p) for p in located]
+        return [format_problem(path, *p) for p in sorted(lines.locate(items), key=lambda p: p[0])]
 
     return replace(flow, extensions=at(checker.extensions), notes=at(checker.notes))
 

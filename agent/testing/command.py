@@ -52,9 +52,9 @@ def run_command(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     from loguru import logger
 
     from .expect import evaluate_limits
+    from .pipecat_evals import ScenarioFileError, find_scenario_files, load_scenarios
     from .report import progress_line, session_status, summary_table, write_report
     from .runner import ScenarioRunner
-    from .scenario import ScenarioFileError, find_scenario_files, load_scenarios
 
     logger.remove()
     logger.add(sys.stderr, level=args.log_level.upper())

@@ -202,8 +202,8 @@ def test_each_rule_names_file_line_field_and_value(folder, snippet, line, expect
     path = write(folder, BASE + snippet)
     error = problems(path)
     assert str(error).startswith(f"{path}:{line}: {expected}")
-    assert error.path == path and len(error.errors) == 1
-    assert error.errors[0][:2] == (line, expected.split(":")[0])
+    assert error.path == path and len(error.problems) == 1
+    assert error.problems[0][:2] == (line, expected.split(":")[0])
 
 
 def test_name_must_be_a_non_empty_string(folder):
@@ -250,7 +250,7 @@ def test_several_errors_are_reported_together_in_line_order(folder):
         "name: Test\n#\nvoice: ./gone\n#\nturn:\n  detectr: silence\nvad:\n  frame_ms: 15\n",
     )
     error = problems(path)
-    assert [(line, field) for line, field, _ in error.errors] == [
+    assert [(line, field) for line, field, _ in error.problems] == [
         (3, "voice"),
         (6, "turn.detectr"),
         (8, "vad.frame_ms"),
@@ -265,7 +265,7 @@ def test_yaml_syntax_error_has_its_line(folder):
     path = write(folder, "name: Test\nvoice: ./voice\n#\nsystem_prompt: a: b\n")
     error = problems(path)
     assert str(error) == f"{path}:4: invalid YAML: mapping values are not allowed here"
-    assert error.errors == [(4, "", "invalid YAML: mapping values are not allowed here")]
+    assert error.problems == [(4, "", "invalid YAML: mapping values are not allowed here")]
 
 
 def test_empty_file_and_non_mapping_top_level(folder):

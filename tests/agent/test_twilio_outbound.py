@@ -386,8 +386,8 @@ scenarios:
 
 @requires_espeak
 def test_an_outbound_scenario_runs_over_twilio_like_an_inbound_one(tmp_path):
+    from agent.testing.pipecat_evals import load_scenarios
     from agent.testing.runner import ScenarioRunner
-    from agent.testing.scenario import load_scenarios
 
     (tmp_path / "script.py").write_text(SCRIPT)
     path = call_agent_file(tmp_path, max_seconds=2)

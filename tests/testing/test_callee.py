@@ -10,8 +10,8 @@ import pytest
 
 from agent.runtime import AgentRuntime
 from agent.testing.baresip import BARESIP
+from agent.testing.pipecat_evals import load_scenarios
 from agent.testing.runner import ScenarioRunner
-from agent.testing.scenario import load_scenarios
 from tests.speech import requires_espeak
 
 ROOT = Path(__file__).resolve().parents[2]

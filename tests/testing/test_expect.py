@@ -5,7 +5,8 @@ import pytest
 
 from agent.testing.events import Check, Event, RunResult
 from agent.testing.expect import evaluate, evaluate_limits, percentile
-from agent.testing.scenario import Scenario, Turn, load_scenarios
+from agent.testing.pipecat_evals import load_scenarios
+from agent.testing.scenario import Scenario, Turn
 
 SCENARIO = """
 scenarios:

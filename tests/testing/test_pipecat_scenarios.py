@@ -19,9 +19,9 @@ from agent.testing.command import EXIT_FAILED, EXIT_SKIPPED
 from agent.testing.events import Check, Event, RunResult
 from agent.testing.expect import evaluate
 from agent.testing.judging import judge_checks
+from agent.testing.pipecat_evals import find_scenario_files, load_scenarios
 from agent.testing.report import junit_xml, progress_line, report_dict, summary_table
 from agent.testing.runner import ScenarioRunner
-from agent.testing.scenario import find_scenario_files, load_scenarios
 from tests.speech import requires_espeak
 from tests.testing.judge_stand_in import StandInJudge
 from tests.testing.test_runner import requires_baresip, requires_chromium

@@ -16,8 +16,8 @@ from agent.testing.baresip import BARESIP
 from agent.testing.browser import CHROMIUM
 from agent.testing.command import EXIT_FAILED
 from agent.testing.lines import WebRTCLine
+from agent.testing.pipecat_evals import load_scenarios
 from agent.testing.runner import ScenarioRunner
-from agent.testing.scenario import load_scenarios
 from tests.speech import requires_espeak, synthesize
 
 requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")

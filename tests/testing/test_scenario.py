@@ -3,11 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing.scenario import (
-    ScenarioFileError,
-    find_scenario_files,
-    load_scenarios,
-)
+from agent.testing.pipecat_evals import find_scenario_files, load_scenarios
+from agent.testing.scenario import ScenarioFileError
 from flows.problems import FlowFileError
 
 EXAMPLE_WAV = Path(__file__).resolve().parents[2] / "examples" / "audio" / "hello.wav"
