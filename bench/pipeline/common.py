@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 import time
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,13 +224,9 @@ class Speech:
     def samples(self, text: str, rate: int) -> np.ndarray:
         key = (text, rate)
         if key not in self._cache:
-            import soxr
+            from processors.audio_io import read_audio, to_pcm16
 
-            with wave.open(str(self.wav(text)), "rb") as w:
-                native = w.getframerate()
-                x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-            y = soxr.resample(x.astype(np.float32), native, rate, quality="HQ")
-            self._cache[key] = np.clip(np.rint(y), -32768, 32767).astype(np.int16)
+            self._cache[key] = to_pcm16(read_audio(self.wav(text), rate))
         return self._cache[key]
 
 
