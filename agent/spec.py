@@ -46,10 +46,10 @@ from flows.actions import E164
 from flows.file import FlowFile, load_flow
 from flows.handlers import resolve_ref
 from flows.problems import FlowFileError
+from processors.chroma.rates import FRAME_SECONDS
 from voices.library import LibraryError, VoiceLibrary
 from voices.profile import Voice, VoiceError, load_voice
 
-FRAME_SECONDS = 0.08  # one Chroma audio frame (processors.chroma.config would pull in transformers here)
 HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 ENGINE_URL = re.compile(r"^grpc://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")

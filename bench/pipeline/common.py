@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from processors.chroma.rates import FRAME_SECONDS, SAMPLE_RATE  # what the stand-in engine speaks
+
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE_TOOL = ROOT.parent / "shared" / "tools" / "pipecat_baseline.py"
 VOICE = ROOT / "examples" / "voices" / "demo"  # a voice folder: voice.yaml, reference recording, consent
 
 PHONE_RATE = 8000
-ENGINE_RATE = 24000  # what Chroma speaks (processors.chroma.config.SAMPLE_RATE; not imported: torch)
-ENGINE_FRAME_SECS = 0.08
 TONE_HZ = 440.0
 TONE_AMPLITUDE = 0.3  # as the baseline's ToneBot
 REPLY_SECS = 2.0  # the baseline's --tone-secs default, which its load generator expects
@@ -111,13 +111,13 @@ class StandInSession:
         self._cancelled = False
         self.turns += 1
         audio = self.model.reply
-        step = int(round(self.chunk_frames * ENGINE_FRAME_SECS * ENGINE_RATE))
+        step = int(round(self.chunk_frames * FRAME_SECONDS * SAMPLE_RATE))
         frame = 0
         for i in range(0, audio.size, step):
             if self._cancelled:
                 return
             piece = audio[i : i + step]
-            frames = max(1, round(piece.size / (ENGINE_FRAME_SECS * ENGINE_RATE)))
+            frames = max(1, round(piece.size / (FRAME_SECONDS * SAMPLE_RATE)))
             yield StandInChunk(piece, (frame, frame + frames), say or "")
             frame += frames
 
@@ -154,8 +154,8 @@ class StandInModel:
         self.config = StandInConfig()
         self.source = "stand-in"
         self.device = "cpu"
-        n = int(round(reply_secs * ENGINE_RATE))
-        t = np.arange(n) / ENGINE_RATE
+        n = int(round(reply_secs * SAMPLE_RATE))
+        t = np.arange(n) / SAMPLE_RATE
         self.reply = (TONE_AMPLITUDE * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
 
     def new_session(self, voice, system_prompt: str = "", *, chunk_frames: int = 2, **_kwargs) -> StandInSession:
