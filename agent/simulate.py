@@ -9,6 +9,7 @@ from loguru import logger
 
 from processors.audio import SUPPORTED_RATES
 from processors.audio_io import resample, to_float, to_pcm16
+from processors.chroma.rates import SAMPLE_RATE
 from transports.file import FileCallTransport
 
 from .runtime import AgentRuntime, Call
@@ -19,7 +20,7 @@ async def simulate_call(
     caller_pcm: np.ndarray,
     caller_rate: int,
     *,
-    out_rate: int = 24000,
+    out_rate: int = SAMPLE_RATE,
     settle_secs: float = 1.5,
     max_secs: float = 300.0,
 ) -> tuple[Call, np.ndarray, FileCallTransport]:

@@ -22,10 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from flows.actions import E164
 from flows.problems import problem, show
-
-FRAME_SECONDS = 0.08  # one Chroma audio frame (processors.chroma.config would pull in transformers here)
+from processors.chroma.rates import FRAME_SECONDS
+from transports.addresses import E164
 
 Text = Annotated[str, Strict()]
 NonEmptyText = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1)]

@@ -29,7 +29,7 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from transports.twilio import TwilioCallTransport
 from transports.twilio_webhook import StreamTokens, connect_twiml, public_url, verify_signature
-from transports.twilio_wire import SAMPLE_RATE, Start, Stop, TwilioStreamState
+from transports.twilio_wire import TWILIO_RATE, Start, Stop, TwilioStreamState
 
 from .runtime import AgentRuntime, busy_label
 from .twilio_outbound import TwilioDialOut
@@ -189,8 +189,8 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
             transport,
             kind="twilio",
             call_id=start.call_sid,
-            in_rate=SAMPLE_RATE,
-            out_rate=SAMPLE_RATE,
+            in_rate=TWILIO_RATE,
+            out_rate=TWILIO_RATE,
             screen=dial_out.screen(leg) if leg is not None else None,  # who answered: Twilio's verdict
         )
         if leg is not None:

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from processors.chroma.checkpoint import default_device, default_dtype, load_model
 from processors.chroma.codec_stream import StreamingCodecDecoder
-from processors.chroma.config import LISTEN_RATE, SAMPLE_RATE
+from processors.chroma.config import FRAME_SECONDS, LISTEN_RATE, SAMPLE_RATE
 from processors.chroma.frame_step import GREEDY, FrameStep
 from processors.chroma.generation import (
     ResponseSteps,
@@ -368,7 +368,7 @@ class EngineBench:
         runs = await asyncio.gather(*[self._one(100 + i, frames) for i in range(count)])
         wall = time.perf_counter() - t0
         total = sum(x["frames"] for x in runs)
-        rtf = [x["wall_s"] / (x["frames"] * 0.08) for x in runs if x["frames"]]
+        rtf = [x["wall_s"] / (x["frames"] * FRAME_SECONDS) for x in runs if x["frames"]]
         ttfa = [x["ttfa_s"] for x in runs if x["ttfa_s"] is not None]
         return {"sessions": count, "frames": total, "frames_per_s": total / wall,
                 "rtf_median": median(rtf), "rtf_max": max(rtf, default=float("nan")),

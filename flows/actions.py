@@ -40,13 +40,12 @@ from pydantic import (
 )
 
 from processors.audio_io import AudioFileError, read_audio_native
+from transports.addresses import E164, SIP_URI
 
 from .handlers import Handlers
 from .problems import Problem, from_validation, show
 from .templates import MissingValue, render
 
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
-SIP_URI = re.compile(r"^sips?:([^@\s]+@)?[^@\s:;]+(:\d{1,5})?(;[^\s]*)?$")
 DTMF_DIGITS = re.compile(r"^[0-9*#A-Da-d]{1,32}$")
 
 

@@ -24,6 +24,8 @@ from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADState
 from pipecat.frames.frames import Frame, InputAudioRawFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from processors.audio_io import to_float
+
 # Greetings. Measured through webrtcvad on espeak-ng recordings (tests/fixtures/answering): "Hello?"
 # 0.5 s of speech, "Hello, this is Sam speaking." 1.76 s; the machine's greeting 7.9 s with pauses of
 # at most 0.56 s between words.
@@ -75,7 +77,7 @@ class BeepDetector:
     def feed(self, pcm: np.ndarray, now: float) -> Beep | None:
         """`pcm`: the next int16 frame; `now`: seconds at its end. A Beep when a tone just ended."""
         frame_secs = pcm.size / self.rate
-        self._recent = np.concatenate([self._recent, pcm.astype(np.float32) / 32768.0])[-self._window.size :]
+        self._recent = np.concatenate([self._recent, to_float(pcm)])[-self._window.size :]
         hz = self._tone(self._recent) if self._recent.size == self._window.size else None
         steady = hz is not None and (self._tone_hz is None or abs(hz - self._tone_hz) <= 60.0)
         if steady:

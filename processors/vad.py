@@ -11,6 +11,8 @@ import webrtcvad
 from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 
+from processors.audio_io import to_float
+
 VAD_KINDS = ("webrtc", "silero")
 VAD_SAMPLE_RATES = (8000, 16000)
 WEBRTC_FRAME_MS = (10, 20, 30)
@@ -48,8 +50,8 @@ class _WindowedVolume:
         self._frame_energies = deque(maxlen=max(1, round(_VOLUME_WINDOW_SECS / frame_secs)))
 
     def _get_smoothed_volume(self, audio: bytes) -> float:
-        samples = np.frombuffer(audio, dtype=np.int16).astype(np.float32)
-        self._frame_energies.append(float(np.dot(samples, samples)) / (samples.size * 32768.0**2))
+        samples = to_float(audio)
+        self._frame_energies.append(float(np.dot(samples, samples)) / samples.size)
         mean_energy = sum(self._frame_energies) / len(self._frame_energies)
         level_db = 10 * math.log10(mean_energy) if mean_energy > 0 else -math.inf
         if level_db < _VOLUME_GATE_DB:

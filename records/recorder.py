@@ -34,13 +34,13 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from processors.chroma.rates import FRAME_SECONDS  # replies are counted in the model's frames
 from records.model import CallEvent, CallInfo
 from records.recording import CallRecording, drain_recordings
 from records.retention import prune
 from records.store import CallStore, open_store
 from records.writer import RecordWriter
 
-FRAME_SECONDS = 0.08  # one Chroma audio frame: replies are counted in frames
 MAX_TEXT = 4000  # characters of one value kept in an event (a tool's result can be anything)
 
 

@@ -1,12 +1,10 @@
 """Real speech for tests: espeak-ng synthesis at a given rate, with its true start and end."""
 
 import shutil
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soxr
 
 from agent.testing import speech
 
@@ -32,10 +30,7 @@ def recorded(name: str, rate: int) -> np.ndarray:
     For tests that assert a model's verdict (VAD, Smart Turn): another espeak-ng build speaks the same
     text differently, and the verdict with it. Resampled as ``synthesize`` resamples espeak-ng's output.
     """
-    with wave.open(str(RECORDINGS / f"{name}.wav"), "rb") as wav:
-        native_rate = wav.getframerate()
-        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    return soxr.resample(samples, native_rate, rate, quality="HQ").astype(np.int16)
+    return speech.read_wav(RECORDINGS / f"{name}.wav", rate)
 
 
 def speech_bounds(samples: np.ndarray, rate: int, *, floor_db: float = -40.0) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from processors.audio import ulaw_encode
 
 from .twilio_webhook import hangup_twiml, transfer_twiml, update_call
-from .twilio_wire import SAMPLE_RATE, Dtmf, Media, Stop, TwilioStreamState, media_message
+from .twilio_wire import TWILIO_RATE, Dtmf, Media, Stop, TwilioStreamState, media_message
 from .twilio_wire import Mark as MarkEcho
 
 CHUNK_SECS = 0.02  # one media message per 20 ms, the size Twilio itself sends
@@ -90,9 +90,9 @@ class TwilioCallTransport(BaseTransport):
         self._send_lock = asyncio.Lock()
         params = TransportParams(
             audio_in_enabled=True,
-            audio_in_sample_rate=SAMPLE_RATE,
+            audio_in_sample_rate=TWILIO_RATE,
             audio_out_enabled=True,
-            audio_out_sample_rate=SAMPLE_RATE,
+            audio_out_sample_rate=TWILIO_RATE,
             audio_out_10ms_chunks=round(CHUNK_SECS * 100),
             audio_out_end_silence_secs=0,  # silence would only delay the hang-up
         )
@@ -243,7 +243,7 @@ class TwilioInputTransport(BaseInputTransport):
                     if not self._stopping:
                         await self.push_audio_frame(
                             InputAudioRawFrame(
-                                audio=event.payload.tobytes(), sample_rate=SAMPLE_RATE, num_channels=1
+                                audio=event.payload.tobytes(), sample_rate=TWILIO_RATE, num_channels=1
                             )
                         )
                 elif isinstance(event, Dtmf):
@@ -349,7 +349,7 @@ class TwilioOutputTransport(BaseOutputTransport):
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         generation, interrupted = self._generation, self._interrupted
-        seconds = len(frame.audio) / (2 * SAMPLE_RATE)
+        seconds = len(frame.audio) / (2 * TWILIO_RATE)
         wait = self.queued_seconds() - (LEAD_SECS - seconds)
         if wait > 0:
             with contextlib.suppress(asyncio.TimeoutError):

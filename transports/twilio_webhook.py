@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
+from .addresses import E164, SIP_URI
+
 __all__ = [
     "StreamTokens",
     "connect_twiml",
@@ -29,12 +31,6 @@ __all__ = [
     "verify_signature",
 ]
 
-# E.164: "+", a non-zero leading digit, at most 15 digits in all.
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
-# A SIP or SIPS URI with a host, optional user part and optional ;params (e.g. ;transport=tls).
-_SIP_URI = re.compile(
-    r"sips?:(?:[^@\s<>\"]+@)?[A-Za-z0-9.\-]+(?::[0-9]{1,5})?(?:;[^\s<>\"]*)?", re.IGNORECASE
-)
 # Call SIDs are "CA" followed by 32 hex digits; checked before the SID goes into a REST path.
 _CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 
@@ -212,9 +208,9 @@ def transfer_twiml(target: str) -> str:
     if not isinstance(target, str):
         raise ValueError(f"transfer target must be a string: {target!r}")
     dial = Dial()
-    if _E164.fullmatch(target):
+    if E164.fullmatch(target):
         dial.number(target)
-    elif _SIP_URI.fullmatch(target):
+    elif SIP_URI.fullmatch(target):
         dial.sip(target)
     else:
         raise ValueError(f"transfer target is neither an E.164 number nor a sip: URI: {target!r}")

@@ -19,14 +19,14 @@ from loguru import logger
 
 from processors.audio import ulaw_decode, ulaw_encode
 
-SAMPLE_RATE = 8000  # Media Streams audio is always mu-law, 8 kHz, mono
+TWILIO_RATE = 8000  # Media Streams audio is always mu-law, 8 kHz, mono
 ENCODING = "audio/x-mulaw"
 # 20 ms of 8 kHz mu-law (one byte per sample): the size Twilio itself sends. Outbound size is free, but
 # chunks of a few ms are reported to play choppy, and 20 ms keeps one message per inbound-sized frame.
 CHUNK_BYTES = 160
 # Largest inbound media payload accepted: 1 s of audio. Twilio sends 160 bytes; anything far larger is a
 # broken or hostile peer, and decoding it would only waste memory.
-MAX_PAYLOAD_BYTES = SAMPLE_RATE
+MAX_PAYLOAD_BYTES = TWILIO_RATE
 _MAX_PAYLOAD_B64 = 4 * ((MAX_PAYLOAD_BYTES + 2) // 3)
 
 # Kinds of bad input counted by TwilioStreamState; each is logged once per call.
@@ -70,7 +70,7 @@ class MediaFormat:
     """`start.mediaFormat`: always mu-law/8000/1 on Twilio today."""
 
     encoding: str = ENCODING
-    sample_rate: int = SAMPLE_RATE
+    sample_rate: int = TWILIO_RATE
     channels: int = 1
 
 
@@ -226,7 +226,7 @@ def parse_message(text: str | bytes) -> TwilioEvent:
             tracks=tuple(t for t in tracks if isinstance(t, str)),
             media_format=MediaFormat(
                 encoding=_opt_str(fmt, "encoding") or ENCODING,
-                sample_rate=_int_or(fmt.get("sampleRate"), SAMPLE_RATE),
+                sample_rate=_int_or(fmt.get("sampleRate"), TWILIO_RATE),
                 channels=_int_or(fmt.get("channels"), 1),
             ),
             custom_parameters={k: v for k, v in params.items() if isinstance(v, str)},
@@ -379,7 +379,7 @@ class TwilioStreamState:
         ]
         self._next_mark += 1
         name = f"a{self._next_mark}"
-        self._pending[name] = _Piece(frames, len(ulaw) / SAMPLE_RATE)
+        self._pending[name] = _Piece(frames, len(ulaw) / TWILIO_RATE)
         messages.append(mark_message(self.stream_sid, name))
         return messages
 

@@ -18,8 +18,8 @@ import numpy as np
 import soundfile
 
 from processors.audio_io import AudioFileError, read_audio_channels, resample, write_wav
+from processors.chroma.rates import SAMPLE_RATE  # the codec's rate: references are stored at it
 
-SAMPLE_RATE = 24000  # the codec's rate (processors.chroma.config; not imported here: it pulls in transformers)
 FORMATS = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
 
 MIN_RATE = 16000
@@ -33,7 +33,7 @@ TARGET_LOUDNESS = -20.0  # LUFS: a level that leaves room below full scale for s
 PEAK_CEILING = 10 ** (-1 / 20)  # -1 dBFS: normalising never pushes a peak past this
 LETTERS_PER_SECOND = (2.5, 25.0)  # everyday speech is about 8 to 18; outside this the transcript is not of this audio
 
-FRAME_SECONDS = 0.02  # speech activity is judged per 20 ms
+ACTIVITY_FRAME_SECONDS = 0.02  # speech activity is judged per 20 ms
 SPEECH_BELOW_PEAK_DB = 35.0  # a frame within this of the loud frames counts as speech...
 SPEECH_FLOOR_DB = -60.0  # ...and so does nothing quieter than this
 TRIM_PAD_SECONDS = 0.1  # kept around the speech so that its first and last sounds are whole
@@ -98,7 +98,7 @@ def prepare_audio(path: str | Path, transcript: str | None = None) -> PreparedAu
     if not active.any():
         out.problems.append("no speech found: the audio is silent")
         return out
-    step = int(FRAME_SECONDS * SAMPLE_RATE)
+    step = int(ACTIVITY_FRAME_SECONDS * SAMPLE_RATE)
     pad = int(TRIM_PAD_SECONDS * SAMPLE_RATE)
     first, last = np.flatnonzero(active)[[0, -1]]
     start, end = max(0, first * step - pad), min(mono.size, (last + 1) * step + pad)
@@ -143,7 +143,7 @@ def prepare_audio(path: str | Path, transcript: str | None = None) -> PreparedAu
 
 def speech_frames(audio: np.ndarray, rate: int) -> np.ndarray:
     """bool per 20 ms frame: loud enough, relative to the recording's loud frames, to be speech."""
-    step = int(FRAME_SECONDS * rate)
+    step = int(ACTIVITY_FRAME_SECONDS * rate)
     frames = audio[: audio.size // step * step].astype(np.float64).reshape(-1, step)
     if frames.size == 0:
         return np.zeros(0, dtype=bool)

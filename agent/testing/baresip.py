@@ -31,9 +31,9 @@ import numpy as np
 from loguru import logger
 
 from processors.audio_io import write_wav
+from transports.sip.sdp import G711_CLOCK_RATE as RATE  # the phone speaks PCMU
 
 BARESIP = shutil.which("baresip")
-RATE = 8000  # PCMU
 CHUNK = RATE // 50  # samples per 20 ms packet
 SILENCE_SECS = 600  # the microphone's idle file; the call would end when it ran out
 START_TIMEOUT_SECS = 15.0

@@ -37,6 +37,8 @@ import uvicorn
 from fastapi import FastAPI
 from loguru import logger
 
+from processors.audio_io import PCM16_SCALE
+
 from ..runtime import AgentRuntime, Call
 from .inprocess import InProcessCall
 
@@ -426,7 +428,7 @@ class WebRTCLine(Line):
         after = time.monotonic()
         self._offsets.append((after - before, taken["now"] - ((before + after) / 2 - self.t0)))
         self._state, self._error = taken["state"], taken["error"]
-        self._heard += [(self._line_time(t), rms * 32768.0 > LOUD_RMS) for t, rms in taken["heard"]]
+        self._heard += [(self._line_time(t), rms * PCM16_SCALE > LOUD_RMS) for t, rms in taken["heard"]]
 
     async def _polling(self) -> None:
         while True:

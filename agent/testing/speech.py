@@ -6,11 +6,11 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
-import wave
 from pathlib import Path
 
 import numpy as np
-import soxr
+
+from processors.audio_io import read_audio, to_pcm16
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "chroma-agents-speech"
 
@@ -38,10 +38,7 @@ def synthesize(text: str, rate: int) -> np.ndarray:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     wav_path = CACHE_DIR / f"{key}.wav"
     subprocess.run([binary, "-w", str(wav_path), text], check=True, capture_output=True)
-    with wave.open(str(wav_path), "rb") as wav:
-        native_rate = wav.getframerate()
-        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    samples = soxr.resample(samples, native_rate, rate, quality="HQ").astype(np.int16)
+    samples = to_pcm16(read_audio(wav_path, rate))
     np.save(cached, samples)
     return samples
 
@@ -49,6 +46,4 @@ def synthesize(text: str, rate: int) -> np.ndarray:
 def read_wav(path: str | Path, rate: int) -> np.ndarray:
     """An audio file (WAV, FLAC, OGG, MP3; any rate and channels) as int16 mono at `rate`
     (raises processors.audio_io.AudioFileError naming the file)."""
-    from processors.audio_io import read_audio, to_pcm16
-
     return to_pcm16(read_audio(path, rate))

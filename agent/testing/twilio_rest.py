@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -38,10 +37,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from twilio.request_validator import RequestValidator
 
+from transports.addresses import E164
+
 from .lines import LINES, TwilioLine, _switched_on, serving
 from .twilio_caller import Timeline, TwilioCaller
 
-E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 SIP_RESPONSE = {"busy": "486", "no-answer": "487", "failed": "404"}
 ANSWER_TIMEOUT_SECS = 20.0
 

@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 import time
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from processors.chroma.rates import FRAME_SECONDS, SAMPLE_RATE  # what the stand-in engine speaks
+
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE_TOOL = ROOT.parent / "shared" / "tools" / "pipecat_baseline.py"
 VOICE = ROOT / "examples" / "voices" / "demo"  # a voice folder: voice.yaml, reference recording, consent
 
 PHONE_RATE = 8000
-ENGINE_RATE = 24000  # what Chroma speaks (processors.chroma.config.SAMPLE_RATE; not imported: torch)
-ENGINE_FRAME_SECS = 0.08
 TONE_HZ = 440.0
 TONE_AMPLITUDE = 0.3  # as the baseline's ToneBot
 REPLY_SECS = 2.0  # the baseline's --tone-secs default, which its load generator expects
@@ -112,13 +111,13 @@ class StandInSession:
         self._cancelled = False
         self.turns += 1
         audio = self.model.reply
-        step = int(round(self.chunk_frames * ENGINE_FRAME_SECS * ENGINE_RATE))
+        step = int(round(self.chunk_frames * FRAME_SECONDS * SAMPLE_RATE))
         frame = 0
         for i in range(0, audio.size, step):
             if self._cancelled:
                 return
             piece = audio[i : i + step]
-            frames = max(1, round(piece.size / (ENGINE_FRAME_SECS * ENGINE_RATE)))
+            frames = max(1, round(piece.size / (FRAME_SECONDS * SAMPLE_RATE)))
             yield StandInChunk(piece, (frame, frame + frames), say or "")
             frame += frames
 
@@ -155,8 +154,8 @@ class StandInModel:
         self.config = StandInConfig()
         self.source = "stand-in"
         self.device = "cpu"
-        n = int(round(reply_secs * ENGINE_RATE))
-        t = np.arange(n) / ENGINE_RATE
+        n = int(round(reply_secs * SAMPLE_RATE))
+        t = np.arange(n) / SAMPLE_RATE
         self.reply = (TONE_AMPLITUDE * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
 
     def new_session(self, voice, system_prompt: str = "", *, chunk_frames: int = 2, **_kwargs) -> StandInSession:
@@ -225,13 +224,9 @@ class Speech:
     def samples(self, text: str, rate: int) -> np.ndarray:
         key = (text, rate)
         if key not in self._cache:
-            import soxr
+            from processors.audio_io import read_audio, to_pcm16
 
-            with wave.open(str(self.wav(text)), "rb") as w:
-                native = w.getframerate()
-                x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-            y = soxr.resample(x.astype(np.float32), native, rate, quality="HQ")
-            self._cache[key] = np.clip(np.rint(y), -32768, 32767).astype(np.int16)
+            self._cache[key] = to_pcm16(read_audio(self.wav(text), rate))
         return self._cache[key]
 
 

@@ -338,8 +338,10 @@ async def resampler_holdback(frame_ms: int = 20, seconds: float = 3.0) -> list[d
 
 async def _warm_up(runtime, speech: Speech) -> None:
     """One reply outside the measurement: the voice prompt is built on a model's first session."""
+    from processors.audio_io import to_float
+
     session = runtime.new_session()
-    audio = speech.samples(LATENCY_SENTENCES[0], 16000).astype(np.float32) / 32768.0
+    audio = to_float(speech.samples(LATENCY_SENTENCES[0], 16000))
     async for _ in session.respond(audio):
         pass
     session.cancel()

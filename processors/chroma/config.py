@@ -17,9 +17,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MimiConfig
 from transformers.models.qwen2_5_omni import Qwen2_5OmniThinkerConfig
 
-SAMPLE_RATE = 24_000  # the codec's (and the agent's output) rate
-LISTEN_RATE = 16_000  # the thinker's feature extractor rate
-FRAME_SECONDS = 0.08  # one audio frame: 1920 samples at 24 kHz, the codec's frame
+# The model's audio clock lives in rates.py, which imports nothing; these names stay importable from here.
+from .rates import FRAME_SECONDS as FRAME_SECONDS
+from .rates import LISTEN_RATE as LISTEN_RATE
+from .rates import SAMPLE_RATE as SAMPLE_RATE
 
 
 @strict

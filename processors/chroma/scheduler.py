@@ -37,9 +37,9 @@ from .codec_stream import decode_together as decode_chunks
 from .frame_step import FrameStep, RowPick
 from .generation import ResponseSteps, VoicePrompt, codec_codes
 from .modeling import ChromaModel
+from .rates import FRAME_SECONDS  # one codec frame: the budget of one tick for every reply to stay real time
 from .thinker_batch import decode_together as think_together
 
-FRAME_SECONDS = 0.08  # one codec frame: the budget of one tick for every reply to stay real time
 # Ticks (each with the job before it) averaged over about two seconds: one long prefill is not
 # "behind", a batch that needs more than a frame's time per tick, tick after tick, is.
 TICK_SMOOTHING = 0.04

@@ -56,6 +56,7 @@ from pipecat.services.settings import LLMSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from ..audio import StreamResampler
+from ..audio_io import to_float, to_pcm16
 from ..playout import AudioPlayedFrame, PlayedOutFrame
 from .config import FRAME_SECONDS, LISTEN_RATE, SAMPLE_RATE
 from .session_protocol import SpeechSession
@@ -71,7 +72,7 @@ PLAYED_OUT_GRACE_SECS = 3.0
 
 def pcm16(audio: np.ndarray) -> bytes:
     """Float samples in [-1, 1] as 16-bit PCM, the way every reply's audio leaves the service."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
+    return to_pcm16(audio).tobytes()
 
 
 async def render_line(session, text: str) -> bytes:
@@ -342,7 +343,7 @@ class ChromaS2SService(LLMService):
             return
         if self._resampler is not None:
             self._turn += self._resampler[1].flush()  # the turn's last ~0.1 s, held in the filter
-        audio = np.frombuffer(bytes(self._turn), np.int16).astype(np.float32) / 32768.0
+        audio = to_float(bytes(self._turn))
         self._turn = None
         self._preroll.clear()
         self._preroll_bytes = 0

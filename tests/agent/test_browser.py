@@ -6,7 +6,6 @@ import re
 import socket
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
 from agent.testing.browser import CHROMIUM, Page, chromium
+from processors.audio_io import write_wav
 from tests.speech import silence, synthesize
 
 pytestmark = pytest.mark.skipif(
@@ -45,11 +45,7 @@ def caller_wav(tmp_path_factory):
     speech = synthesize("Hi, where is my order?", rate)
     samples = np.concatenate([silence(LEAD_IN_SECS, rate), speech, silence(CALL_TIMEOUT_SECS + 30, rate)])
     path = tmp_path_factory.mktemp("caller") / "caller48k.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.astype("<i2").tobytes())
+    write_wav(path, samples, rate)
     return path
 
 

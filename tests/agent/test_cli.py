@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from agent.cli import main
+from processors.audio_io import to_pcm16
 
 FRAME = 1920  # samples per 80 ms frame at 24 kHz
 
 
 def _write_wav(path, audio, rate, channels=1):
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    pcm = to_pcm16(audio)
     with wave.open(str(path), "wb") as w:
         w.setnchannels(channels)
         w.setsampwidth(2)

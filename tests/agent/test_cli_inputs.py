@@ -16,7 +16,7 @@ import pytest
 import soundfile
 
 from agent.cli import main
-from processors.audio_io import write_wav
+from processors.audio_io import to_float, write_wav
 from tests.speech import requires_espeak, synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +220,7 @@ def test_voice_add_names_the_file_and_what_is_wrong_with_it(tmp_path, capsys, ki
 def test_voice_add_takes_any_rate_and_sample_format(tmp_path, capsys, rate, subtype):
     sentence = "Hello, thanks for calling the support line. How can I help you with your order today?"
     audio = tmp_path / "ava.wav"
-    soundfile.write(str(audio), synthesize(sentence, rate).astype(np.float32) / 32768, rate, subtype=subtype)
+    soundfile.write(str(audio), to_float(synthesize(sentence, rate)), rate, subtype=subtype)
     code, printed, err = run(voice_add(tmp_path, audio), capsys)
     assert code == 0, err
     assert "added voice 'ava'" in printed

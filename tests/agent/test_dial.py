@@ -5,10 +5,8 @@ import asyncio
 import random
 import shutil
 import subprocess
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent.cli import main
@@ -16,6 +14,7 @@ from agent.outbound import OutboundRefused, outbound_book, place_call, placed_ca
 from agent.runtime import AgentRuntime
 from agent.spec import AgentFileError, load_agent
 from processors.audio import ulaw_encode
+from processors.audio_io import read_audio, to_pcm16
 from tests.transports.sip.test_outbound import SCENARIOS, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +42,7 @@ def agent_file(folder: Path, extra: str = "") -> Path:
 
 
 def start_callee(scenario: str, folder: Path, *options: str) -> tuple[subprocess.Popen, int]:
-    with wave.open(str(ROOT / "tests/fixtures/answering/human_hello.wav"), "rb") as wav:
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    pcm = to_pcm16(read_audio(ROOT / "tests/fixtures/answering/human_hello.wav", 8000))
     (folder / "callee.ulaw").write_bytes(ulaw_encode(pcm))
     port = free_port()
     process = subprocess.Popen(

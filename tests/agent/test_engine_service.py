@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from agent.cli import main
 from agent.runtime import AgentRuntime
 from agent.simulate import simulate_call
 from agent.spec import AgentFileError, load_agent
+from processors import audio_io
 from processors.chroma.engine_server import EngineThread
 from processors.chroma.remote import RemoteEngine
 from tests.speech import requires_espeak, silence, synthesize
@@ -111,11 +111,7 @@ def caller(*parts) -> np.ndarray:
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(samples.astype(np.int16).tobytes())
+    audio_io.write_wav(path, samples, rate)
     return path
 
 
@@ -241,8 +237,7 @@ def test_two_call_server_processes_share_one_engine(tmp_path):
         # both calls on the engine at once (each lasts about 20 s; the processes start together)
         assert most_open == 2
         for i in range(2):
-            with wave.open(str(tmp_path / f"out{i}.wav")) as wav:
-                assert np.abs(np.frombuffer(wav.readframes(wav.getnframes()), np.int16)).max() > 100
+            assert np.abs(audio_io.to_pcm16(audio_io.read_audio(tmp_path / f"out{i}.wav"))).max() > 100
         watcher.close()
         engine.terminate()  # SIGTERM: the engine stops serving and exits cleanly
         assert engine.wait(30) == 0

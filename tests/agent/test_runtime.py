@@ -1,7 +1,6 @@
 """The runtime's process-level pieces: which model an agent gets, the metrics page, `chroma-agent call`."""
 
 import re
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import numpy as np
 import agent.runtime as runtime_module
 from agent.cli import main
 from agent.metrics import ServerMetrics
+from processors.audio_io import read_audio_channels, to_pcm16, write_wav
 from tests.speech import requires_espeak, silence, speech_bounds, synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,9 +58,7 @@ def test_call_command_writes_the_agents_side_of_the_call_on_its_timeline(tmp_pat
     speech = synthesize("Hello, is anybody there?", 16000)
     caller = np.concatenate([silence(0.3, 16000), speech, silence(0.2, 16000)])
     caller_wav = tmp_path / "caller.wav"
-    with wave.open(str(caller_wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes(caller.astype("<i2").tobytes())
+    write_wav(caller_wav, caller, 16000)
     out = tmp_path / "call.wav"
     argv = [
         "call",
@@ -77,9 +75,9 @@ def test_call_command_writes_the_agents_side_of_the_call_on_its_timeline(tmp_pat
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert re.search(r"ended: [\d.]+ s, 1 turns, 0 barge-ins", printed)
-    with wave.open(str(out), "rb") as w:
-        assert (w.getframerate(), w.getnchannels()) == (8000, 1)
-        audio = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    samples, rate = read_audio_channels(out)
+    assert (rate, samples.shape[1]) == (8000, 1)
+    audio = to_pcm16(samples[:, 0])
     # Silence while the caller speaks (and for the VAD's 0.2 s stop window after), then the reply.
     quiet_until = 0.3 + speech_bounds(speech, 16000)[1] + 0.2
     assert np.abs(audio[: int(quiet_until * 8000)]).max() == 0
@@ -90,9 +88,7 @@ def test_call_command_reports_a_bad_agent_file(tmp_path, capsys):
     bad = tmp_path / "agent.yaml"
     bad.write_text("name: x\nmodel: tiny\nvoice: ./nowhere\n")
     caller_wav = tmp_path / "caller.wav"
-    with wave.open(str(caller_wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
-        w.writeframes(bytes(1600))
+    write_wav(caller_wav, np.zeros(800, np.int16), 8000)
     assert main(["call", str(bad), "--input", str(caller_wav), "--output", str(tmp_path / "o.wav")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: voice: './nowhere' is not a folder" in err

@@ -7,7 +7,6 @@ import random
 import shutil
 import socket
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from agent.server import create_app
 from agent.spec import load_agent
 from agent.testing.baresip import BARESIP, configure
 from processors.audio import ulaw_encode
+from processors.audio_io import read_audio, write_wav
 from tests.speech import requires_espeak, silence, synthesize
 from transports.sip.calls import sip_server
 
@@ -169,19 +169,6 @@ async def _no_calls(runtime) -> None:
         await asyncio.sleep(0.05)
 
 
-def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm.astype(np.int16).tobytes())
-
-
-def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path), "rb") as wav:
-        return np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
-
-
 @requires_espeak
 @pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (apt-get install baresip)")
 async def test_baresip_caller_hears_the_agent_answer(agent, tmp_path):
@@ -201,7 +188,7 @@ async def test_baresip_caller_hears_the_agent_answer(agent, tmp_path):
     assert rtp["packets_in"] > 200 and rtp["packets_out"] > 200, (rtp, output)
     decoded = list((tmp_path / "rec").glob("*dec.wav"))
     assert decoded, f"baresip recorded nothing\n{output}"
-    heard = read_wav(decoded[0]).astype(np.float64) / 32768
+    heard = read_audio(decoded[0]).astype(np.float64)
     assert calls and calls[0].stats.ttfa, output
     # The tiny model speaks noise, not words: the check is that the agent's audio reached the caller.
     blocks = heard[: heard.size // 160 * 160].reshape(-1, 160)

@@ -1,12 +1,13 @@
 import textwrap
-import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.cli import main
 from flows.file import load_flow
 from flows.problems import FlowFileError
+from processors.audio_io import write_wav
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "flows"
 
@@ -234,8 +235,7 @@ def test_keypad_routes_that_no_caller_could_enter_are_problems(tmp_path):
 
 def test_action_arguments_are_checked(tmp_path):
     (tmp_path / "notes.txt").write_text("not audio")
-    with wave.open(str(tmp_path / "ok.wav"), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(b"\0\0" * 80)
+    write_wav(tmp_path / "ok.wav", np.zeros(80, np.int16), 8000)
     path = write(
         tmp_path,
         """

@@ -2,12 +2,10 @@
 through the call's VAD (webrtcvad with the agent file's defaults), 20 ms at a time as a call feeds them.
 The margins written beside the assertions were measured on these files."""
 
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soxr
 from pipecat.audio.vad.vad_analyzer import VADState
 
 from processors.answering import (
@@ -19,22 +17,21 @@ from processors.answering import (
     AnsweringDetector,
     Beep,
 )
+from processors.audio_io import read_audio, to_pcm16
 from processors.vad import make_vad_analyzer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "answering"
 
 
 def recording(name: str, rate: int = 8000) -> np.ndarray:
-    with wave.open(str(FIXTURES / name), "rb") as wav:
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    return pcm if rate == 8000 else soxr.resample(pcm, 8000, rate).astype(np.int16)
+    return to_pcm16(read_audio(FIXTURES / name, rate))
 
 
 def tone(hz: float | tuple[float, ...], seconds: float, rate: int = 8000, level: float = 0.4) -> np.ndarray:
     t = np.arange(round(seconds * rate)) / rate
     freqs = hz if isinstance(hz, tuple) else (hz,)
     wave_ = sum(np.sin(2 * np.pi * f * t) for f in freqs) / len(freqs)
-    return (wave_ * level * 32767).astype(np.int16)
+    return to_pcm16(wave_ * level)
 
 
 def quiet(seconds: float, rate: int = 8000) -> np.ndarray:

@@ -163,3 +163,50 @@ def test_a_riff_header_with_no_data_chunk(tmp_path):
     path.write_bytes(b"RIFF\x04\x00\x00\x00WAVE")
     with pytest.raises(AudioFileError, match="WAV header without a data chunk"):
         read_audio(path)
+
+
+def test_int16_extremes_round_to_nearest_and_clip():
+    step = 1 / 32768
+    floats = np.array([32767 * step, 32766.6 * step, 32767.4 * step, 32767.6 * step, 1.0 + step, -1.0, -1.0 - step])
+    assert to_pcm16(floats).tolist() == [32767, 32767, 32767, 32767, 32767, -32768, -32768]
+    assert to_pcm16(np.array([0.49 * step, -0.49 * step, 0.51 * step, -0.51 * step])).tolist() == [0, 0, 1, -1]
+    assert to_pcm16(np.float32([-np.inf, np.inf])).tolist() == [-32768, 32767]
+    assert to_float(np.array([-32768, -1, 0, 1, 32767], np.int16)).tolist() == [-1.0, -step, 0.0, step, 32767 * step]
+    assert to_float(np.array([-32768, 32767], np.int16)).dtype == np.float32
+
+
+def test_bytes_are_little_endian_int16():
+    assert to_float(b"\x00\x80\xff\x7f\x01\x00").tolist() == [-1.0, 32767 / 32768, 1 / 32768]
+    assert to_float(bytearray(b"\x00\x40")).tolist() == [0.5]
+
+
+def test_int16_input_is_returned_as_it_is():
+    pcm = np.array([-32768, -3, 0, 7, 32767], np.int16)
+    assert to_pcm16(pcm) is pcm
+
+
+def test_24_bit_stereo_at_another_rate_keeps_its_precision_and_mixes_down(tmp_path):
+    rate = 22050
+    left, right = tone(rate, 1.0, amplitude=0.6), np.zeros(rate, np.float32)
+    path = tmp_path / "stereo24.wav"
+    soundfile.write(str(path), np.stack([left, right], axis=1), rate, subtype="PCM_24")
+    samples, file_rate = read_audio_channels(path)
+    assert file_rate == rate and samples.shape == (rate, 2)
+    np.testing.assert_allclose(samples[:, 0], left, atol=2**-23)  # finer than int16's step of 2**-15
+    for target in (8000, 16000, 24000, 48000):
+        audio = read_audio(path, target)
+        assert audio.size == pytest.approx(target, abs=1)
+        assert dominant_hz(audio, target) == pytest.approx(TONE_HZ, abs=2)
+        assert np.abs(audio).max() == pytest.approx(0.3, abs=0.01)  # the mean of the tone and silence
+
+
+def test_float_stereo_at_another_rate_is_not_clipped_until_it_becomes_int16(tmp_path):
+    rate = 48000
+    loud = tone(rate, 0.5, amplitude=1.5)  # a float file may hold samples past full scale
+    path = tmp_path / "loud.wav"
+    soundfile.write(str(path), np.stack([loud, loud], axis=1), rate, subtype="FLOAT")
+    audio = read_audio(path, 16000)
+    assert np.abs(audio).max() == pytest.approx(1.5, abs=0.02)
+    pcm = to_pcm16(audio)
+    assert pcm.max() == 32767 and pcm.min() == -32768
+    assert dominant_hz(audio, 16000) == pytest.approx(TONE_HZ, abs=3)

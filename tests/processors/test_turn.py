@@ -21,6 +21,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.turns.user_turn_processor import UserTurnProcessor
 
+from processors.audio_io import to_float
 from processors.turn import SharedSmartTurnAnalyzer, user_turn_strategies
 from processors.vad import make_vad_analyzer
 from tests.speech import recorded, silence, speech_bounds
@@ -104,7 +105,7 @@ def test_smart_turn_analyzers_share_one_session_and_keep_their_own_audio():
 
 def test_shared_session_predicts_as_pipecats_own_analyzer():
     audio = np.concatenate([silence(0.5, RATE), recorded(COMPLETE, RATE), silence(0.2, RATE)])
-    audio = audio.astype(np.float32) / 32768
+    audio = to_float(audio)
     shared, own = SharedSmartTurnAnalyzer(), LocalSmartTurnAnalyzerV3()
     for analyzer in (shared, own):
         analyzer.set_sample_rate(RATE)
@@ -116,7 +117,7 @@ def test_calls_running_smart_turn_at_once_get_their_own_answers():
     # onnxruntime runs concurrent run() calls on one session; each call's thread must get its own result.
     complete = np.concatenate([silence(0.5, RATE), recorded(COMPLETE, RATE), silence(0.2, RATE)])
     incomplete = np.concatenate([silence(0.5, RATE), recorded(INCOMPLETE, RATE), silence(0.2, RATE)])
-    clips = [clip.astype(np.float32) / 32768 for clip in (complete, incomplete) * 4]
+    clips = [to_float(clip) for clip in (complete, incomplete) * 4]
     analyzers = [SharedSmartTurnAnalyzer() for _ in clips]
     for analyzer in analyzers:
         analyzer.set_sample_rate(RATE)

@@ -7,6 +7,7 @@ from pipecat.audio.utils import calculate_audio_volume
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADState
 
+from processors.audio_io import to_pcm16
 from processors.vad import SharedSileroVADAnalyzer, WebRTCVADAnalyzer, make_vad_analyzer
 from tests.speech import recorded, silence, speech_bounds
 
@@ -64,10 +65,8 @@ def utterance(rate: int) -> tuple[np.ndarray, float, float]:
 
 def tone(rate: int, seconds: float, *freqs: float, dbfs: float = -20.0) -> np.ndarray:
     t = np.arange(round(rate * seconds)) / rate
-    amplitude = 32767 * 10 ** (dbfs / 20) / len(freqs)
-    return np.round(sum(amplitude * np.sin(2 * np.pi * f * t + i) for i, f in enumerate(freqs))).astype(
-        np.int16
-    )
+    amplitude = 10 ** (dbfs / 20) / len(freqs)
+    return to_pcm16(sum(amplitude * np.sin(2 * np.pi * f * t + i) for i, f in enumerate(freqs)))
 
 
 @pytest.mark.parametrize("frame_ms", [10, 20, 30])
@@ -107,9 +106,7 @@ def test_silero_is_selectable_and_finds_the_same_speech(rate):
 
 NON_SPEECH = {
     "silence": lambda rate: silence(3.0, rate),
-    "white noise at -45 dBFS": lambda rate: np.round(
-        np.random.default_rng(5).standard_normal(3 * rate) * 32768 * 10 ** (-45 / 20)
-    ).astype(np.int16),
+    "white noise at -45 dBFS": lambda rate: to_pcm16(np.random.default_rng(5).standard_normal(3 * rate) * 10 ** (-45 / 20)),
     "1 kHz tone": lambda rate: tone(rate, 3.0, 1000),
     "DTMF 1 (697 + 1209 Hz)": lambda rate: tone(rate, 3.0, 697, 1209),
     "DTMF 9 (852 + 1477 Hz)": lambda rate: tone(rate, 3.0, 852, 1477),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from processors.audio_io import to_float
 from tests.speech import synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +17,7 @@ SENTENCE = "Hello, thanks for calling the support line. How can I help you with 
 
 
 def speech(text: str = SENTENCE, rate: int = RATE) -> np.ndarray:
-    return synthesize(text, rate).astype(np.float32) / 32768.0
+    return to_float(synthesize(text, rate))
 
 
 def save(path: Path, audio: np.ndarray, rate: int = RATE, **kwargs) -> Path:

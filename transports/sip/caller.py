@@ -30,9 +30,9 @@ from processors.audio import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 
 from .dtmf import dtmf_packets
 from .message import SipMessage, SipRequest, SipResponse, new_branch, new_tag
+from .rtp import PTIME
+from .rtp import SAMPLES_PER_FRAME as FRAME  # 20 ms at 8 kHz, one byte per sample
 
-FRAME = 160  # 20 ms at 8 kHz, one byte per sample
-PTIME = 0.02
 T1 = 0.5
 CODECS = {0: ("PCMU", ulaw_encode, ulaw_decode, 0xFF), 8: ("PCMA", alaw_encode, alaw_decode, 0xD5)}
 DTMF_PT = 101

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from aiortc.rtp import RtpPacket
 
-G711_CLOCK_RATE = 8000
+from .sdp import G711_CLOCK_RATE
+
 PAYLOAD_LENGTH = 4
 # Section 3.2: events 0-15 are the DTMF keys, in this order.
 DTMF_DIGITS = "0123456789*#ABCD"

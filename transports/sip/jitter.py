@@ -25,7 +25,8 @@ from collections import deque
 
 from aiortc.rtp import RtpPacket
 
-G711_CLOCK_RATE = 8000
+from .sdp import G711_CLOCK_RATE
+
 SEQ_MODULO = 1 << 16
 
 

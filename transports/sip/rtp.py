@@ -28,10 +28,10 @@ from processors.audio import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 
 from .dtmf import PAYLOAD_LENGTH, DtmfReceiver, dtmf_packets
 from .jitter import JitterBuffer
-from .sdp import Answer
+from .sdp import G711_CLOCK_RATE, Answer
 
 PTIME = 0.02
-SAMPLES_PER_FRAME = 160  # 20 ms at 8000 Hz
+SAMPLES_PER_FRAME = round(PTIME * G711_CLOCK_RATE)  # 160 samples (and G.711 bytes) per packet
 FRAME_BYTES = SAMPLES_PER_FRAME * 2  # int16 PCM
 RTP_HEADER_LENGTH = 12
 MAX_DATAGRAM = 1500

@@ -20,7 +20,7 @@ from aiortc.rtcicetransport import RTCIceParameters
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import DIRECTIONS, MediaDescription, SessionDescription, grouplines
 
-G711_CLOCK_RATE = 8000
+G711_CLOCK_RATE = 8000  # G.711's sample rate, which is also its RTP clock and RFC 4733's event clock
 TELEPHONE_EVENT = "telephone-event"
 TELEPHONE_EVENTS = "0-16"  # DTMF 0-9, *, #, A-D, flash (RFC 4733 section 3.2)
 AUDIO_PROFILE = "RTP/AVP"

@@ -30,8 +30,9 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from .rtp import PTIME, RtpSession
+from .sdp import G711_CLOCK_RATE
 
-SIP_RATE = 8000
+SIP_RATE = G711_CLOCK_RATE  # the line's PCM: G.711 is sampled at its clock rate
 PACKETS_AHEAD = 1
 
 

@@ -19,7 +19,7 @@ from pipecat.metrics.metrics import ProcessingMetricsData, TTFBMetricsData
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
-from processors.chroma.service import ChromaS2SService
+from processors.chroma.service import ChromaS2SService, pcm16
 
 FRAME = 1920  # 24 kHz samples per 80 ms frame
 
@@ -89,3 +89,9 @@ async def test_a_turn_past_its_cap_is_cut_and_reported_once(tiny, voice):
     await run_test(service, frames_to_send=frames)
     assert dropped == ["turn_too_long"]
     assert heard and heard[0] <= int(0.2 * 16000) + 320  # the cap, plus the frame that crossed it
+
+
+def test_reply_audio_leaves_as_int16_rounded_to_nearest_on_the_32768_scale():
+    # The same conversion as processors.audio_io.to_pcm16: full scale is 32768, rounded, clipped.
+    audio = np.array([0.5, -0.5, 1.0, -1.0, 1.6 / 32768, -1.4 / 32768, 2.0, -2.0], np.float32)
+    assert np.frombuffer(pcm16(audio), "<i2").tolist() == [16384, -16384, 32767, -32768, 2, -1, 32767, -32768]

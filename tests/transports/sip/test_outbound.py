@@ -11,16 +11,15 @@ import random
 import re
 import shutil
 import time
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent.outbound import place_call, placed_call
 from agent.runtime import AgentRuntime
 from agent.spec import load_agent
 from processors.audio import ulaw_encode
+from processors.audio_io import read_audio, to_pcm16
 from tests.agent.test_sip_call import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,9 +51,7 @@ def make_runtime(folder: Path, model, *, outbound: str = "{}", sip_extra: str = 
 
 def callee_audio(folder: Path, fixture: str) -> None:
     """The callee's words for SIPp's rtp_stream: a committed recording as raw mu-law at 8 kHz."""
-    with wave.open(str(FIXTURES / fixture), "rb") as wav:
-        assert wav.getframerate() == 8000
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    pcm = to_pcm16(read_audio(FIXTURES / fixture, 8000))
     (folder / "callee.ulaw").write_bytes(ulaw_encode(pcm))
 
 
@@ -128,8 +125,7 @@ async def test_early_media_is_not_heard(tmp_path, tiny_model):
     callee_audio(tmp_path, "human_hello.wav")
     # Before it answers, the callee plays 3 s of a machine's greeting as early media (183 with SDP): heard,
     # it would make the detector call the person who then answers "Hello?" a machine.
-    with wave.open(str(FIXTURES / "machine_beep.wav"), "rb") as wav:
-        early = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    early = to_pcm16(read_audio(FIXTURES / "machine_beep.wav", 8000))
     (tmp_path / "early.ulaw").write_bytes(ulaw_encode(early[: 3 * 8000]))
     async with Callee("uas_early_media.xml", tmp_path, "-d", "4000") as callee:
         placed = placed_call(runtime, await place_call(runtime, callee.uri))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from agent.outbound import place_call, placed_call
 from agent.runtime import AgentRuntime
@@ -16,6 +15,7 @@ from agent.spec import load_agent
 from agent.testing.baresip import BARESIP, write_pcm
 from agent.testing.callee import answering_phone
 from agent.testing.lines import loud
+from processors.audio_io import read_audio, to_pcm16
 
 ROOT = Path(__file__).resolve().parents[3]
 FIXTURES = ROOT / "tests/fixtures/answering"
@@ -58,7 +58,7 @@ async def test_baresip_answers_says_hello_and_hears_the_agent_reply(tmp_path, ti
         await answered(placed)
         assert placed.call is not None, placed.detail
         # Padded: baresip hangs up when its microphone file runs out.
-        hello, _ = sf.read(FIXTURES / "human_hello.wav", dtype="int16")
+        hello = to_pcm16(read_audio(FIXTURES / "human_hello.wav", 8000))
         said_at = await phone.play(
             write_pcm(phone_folder / "hello.wav", np.concatenate([hello, np.zeros(80000, np.int16)]))
         )
