@@ -40,7 +40,8 @@ from transports.twilio_webhook import StreamTokens, connect_twiml, public_url
 from .outbound import OutboundError, PlacedCall, machine_answered
 
 if TYPE_CHECKING:
-    from .runtime import AgentRuntime, Call
+    from .call import Call
+    from .runtime import AgentRuntime
 
 API_VERSION = "2010-04-01"
 REST_TIMEOUT_SECS = 10.0

@@ -37,7 +37,8 @@ import uvicorn
 from fastapi import FastAPI
 from loguru import logger
 
-from ..runtime import AgentRuntime, Call
+from ..call import Call
+from ..runtime import AgentRuntime
 from .inprocess import InProcessCall
 
 SLOT = 0.02  # seconds per unit of heard audio
@@ -221,7 +222,7 @@ class TwilioLine(Line):
         self._run: asyncio.Task | None = None
 
     async def open(self) -> None:
-        from agent.twilio_routes import twilio_router
+        from agent.lines.twilio import twilio_router
 
         from .twilio_caller import TwilioCaller, fetch_voice_twiml, sid
         from .twilio_cloud import LocalTwilioCloud
@@ -301,7 +302,7 @@ class SipLine(Line):
         self._utterances = 0
 
     async def open(self) -> None:
-        from transports.sip.calls import sip_server
+        from agent.lines.sip import sip_server
 
         from .baresip import Baresip
 
