@@ -128,7 +128,7 @@ class Call:
                 transport=kind,
                 in_rate=in_rate,
                 voice=spec.voice_folder.name,
-                sensitive=lambda node: bool(getattr(dtmf.get(node), "sensitive", False)),
+                sensitive=lambda node: node in dtmf and dtmf[node].sensitive,
             )
             self.recorder.identify({"call_id": call_id})
         vad = make_vad_analyzer(

@@ -203,7 +203,7 @@ class OutboundBook:
 
 
 def outbound_book(runtime: AgentRuntime) -> OutboundBook:
-    book = getattr(runtime, "outbound", None)
+    book = runtime.outbound
     if book is None:
         book = runtime.outbound = OutboundBook()
     return book

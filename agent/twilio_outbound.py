@@ -396,7 +396,7 @@ async def _hang_up_on_fax(placed: PlacedCall) -> None:
 
 def twilio_dial_out(runtime: AgentRuntime) -> TwilioDialOut:
     """The server's TwilioDialOut; OutboundError saying what to set when Twilio calls cannot be placed."""
-    dial_out = getattr(runtime, "twilio_dial_out", None)
+    dial_out = runtime.twilio_dial_out
     if dial_out is not None:
         return dial_out
     spec = runtime.spec.transports.twilio
