@@ -19,7 +19,7 @@ from processors.audio_io import read_audio, to_pcm16
 from processors.chroma.service import CallActionFrame
 
 if TYPE_CHECKING:
-    from .runtime import Call
+    from .call import Call
 
 
 class PipelineCallControl:
@@ -44,10 +44,10 @@ class PipelineCallControl:
 
     async def transfer(self, target: str) -> None:
         async def transfer_now() -> None:
-            transfer = getattr(self.call.transport, "transfer", None)
-            if transfer is None:
+            line = self.call.line
+            if not line.can_transfer:
                 reason = f"a {self.call.stats.kind} call cannot be transferred"
-            elif not await transfer(target):
+            elif not await line.transfer(target):
                 reason = "the transfer was not accepted"
             else:
                 self.call.transferred_to = target

@@ -185,7 +185,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     runtime = _runtime_for(spec, args.agent)
     print(f"agent {runtime.spec.name!r}: model {runtime.model.source} on {runtime.model.device}")
     print(f"open http://{args.host}:{args.port}/ to talk to it")
-    from .twilio_routes import TwilioConfigError
+    from .lines.twilio import TwilioConfigError
 
     try:
         serve(runtime, host=args.host, port=args.port, public_url=args.public_url)

@@ -35,7 +35,8 @@ from processors.vad import make_vad_analyzer
 from .call_control import PipelineCallControl
 
 if TYPE_CHECKING:
-    from .runtime import AgentRuntime, Call
+    from .call import Call
+    from .runtime import AgentRuntime
 
 Outcome = Literal["answered", "busy", "no-answer", "failed"]
 AnsweredBy = Literal["human", "machine", "unknown"]  # unknown: nothing said after the answer
@@ -202,7 +203,7 @@ class OutboundBook:
 
 
 def outbound_book(runtime: AgentRuntime) -> OutboundBook:
-    book = getattr(runtime, "outbound", None)
+    book = runtime.outbound
     if book is None:
         book = runtime.outbound = OutboundBook()
     return book
@@ -232,7 +233,7 @@ def route_for(runtime: AgentRuntime, to: str) -> Route:
 
 def _dialer(route: Route) -> Dialer:
     if route in ("sip", "trunk"):
-        from transports.sip.calls import sip_outbound
+        from .lines.sip import sip_outbound
 
         return sip_outbound
     from .twilio_outbound import twilio_outbound

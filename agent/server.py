@@ -7,7 +7,8 @@ One browser call: the page POSTs its SDP offer (all ICE candidates included, no 
 /api/offer; the answer comes back and the call's pipeline runs in the background until either side
 hangs up. Closing the peer connection in the browser ends the call on the server. Keys pressed on the
 page travel over the data channel as `{"type": "chroma-agents", "dtmf": "12#"}` and reach the agent as
-DTMF, as a phone's would.
+DTMF, as a phone's would. The call itself is run by agent/lines/webrtc.py; Twilio's routes and the
+SIP server are built from agent/lines/ too.
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
-from pipecat.audio.dtmf.types import KeypadEntry
-from pipecat.frames.frames import InputDTMFFrame
-from pipecat.transports.base_transport import TransportParams
-from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
-from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -42,27 +38,18 @@ from pydantic import (
     field_validator,
 )
 
-from flows.actions import E164, SIP_URI
-from processors.chroma.config import LISTEN_RATE
 from processors.chroma.service import FRAME_SECONDS
-from transports.sip.calls import sip_server
+from transports.addresses import E164, SIP_URI
 
 from .access import require_admin
 from .drain import Drain
+from .lines.sip import sip_server
+from .lines.webrtc import Busy, WebRTCCalls
 from .outbound import OutboundError, OutboundRefused, place_call, route_for
 from .records_routes import add_record_routes
-from .runtime import STAND_IN_NOTICE, AgentRuntime, Call, busy_label
+from .runtime import STAND_IN_NOTICE, AgentRuntime, busy_label
 
 PAGE = Path(__file__).parent / "web" / "index.html"
-WEBRTC_OUT_RATE = 48000  # Opus runs at 48 kHz; sending at its rate saves aiortc a resample
-MAX_DTMF_PER_MESSAGE = 32
-KEYS = frozenset(k.value for k in KeypadEntry)
-CONNECT_TIMEOUT_SECS = 20  # an offer whose peer never connects frees its session after this
-SHUTDOWN_GRACE_SECS = 3.0  # per step: hang up, then cancel
-# A write to the browser's track returns once its sender has taken the chunk, at the pace of real time.
-# A caller who hangs up while the call is ending (the agent's goodbye still going out) leaves one write
-# that nothing will ever take; this is how long it may hold the call before the peer is written off.
-WRITE_TIMEOUT_SECS = 3.0
 
 
 class Offer(BaseModel):
@@ -122,10 +109,6 @@ def _bad_body(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-class Busy(Exception):
-    """No session for one more call now; the offer is answered 503."""
-
-
 def busy_response(runtime: AgentRuntime, transport: str, reason: str) -> JSONResponse:
     runtime.metrics.call_refused(transport, busy_label(reason))
     runtime.record_refusal(transport, reason)
@@ -137,114 +120,12 @@ def busy_response(runtime: AgentRuntime, transport: str, reason: str) -> JSONRes
     )
 
 
-class WebRTCCalls:
-    """The server's WebRTC calls: each one's peer connection and the task running its pipeline."""
-
-    def __init__(self, runtime: AgentRuntime):
-        self.runtime = runtime
-        self.active: dict[str, tuple[SmallWebRTCConnection, Call, asyncio.Task]] = {}
-
-    async def start(self, offer: Offer) -> dict:
-        """The SDP answer; HTTPException 400 for an offer aiortc cannot use, 503 when busy."""
-        connection = SmallWebRTCConnection(connection_timeout_secs=CONNECT_TIMEOUT_SECS)
-        try:
-            await connection.initialize(sdp=offer.sdp, type=offer.type)
-        except Exception as e:  # aiortc raises several kinds for SDP it cannot use
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-            raise HTTPException(400, f"sdp: not a usable WebRTC offer ({type(e).__name__}: {e})") from e
-        params = TransportParams(
-            audio_in_enabled=True,
-            audio_in_sample_rate=LISTEN_RATE,
-            audio_out_enabled=True,
-            audio_out_sample_rate=WEBRTC_OUT_RATE,
-            # The browser plays out what it has received; trailing silence would only delay the
-            # hang-up the page waits for.
-            audio_out_end_silence_secs=0,
-            audio_out_write_timeout_secs=WRITE_TIMEOUT_SECS,
-        )
-        # Asked again after the awaits above: other offers may have taken the last session meanwhile.
-        if (busy := self.runtime.busy_reason()) is not None:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-            raise Busy(busy)
-        try:
-            transport = SmallWebRTCTransport(connection, params)
-            call = self.runtime.new_call(transport, kind="webrtc", out_rate=WEBRTC_OUT_RATE)
-            call.identify({"pc_id": connection.pc_id})
-        except Exception:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-            raise
-
-        @transport.event_handler("on_client_disconnected")
-        async def _caller_left(_transport, _client):
-            # Nothing is left to hear the rest of the reply: cancel rather than drain.
-            await call.cancel("caller left")
-
-        @transport.event_handler("on_app_message")
-        async def _app_message(_transport, message, _sender):
-            await self._keys(call, transport, message)
-
-        pc_id = connection.pc_id
-        task = asyncio.create_task(self._run(pc_id, connection, call), name=f"call-{pc_id}")
-        self.active[pc_id] = (connection, call, task)
-        return connection.get_answer()
-
-    async def _keys(self, call: Call, transport: SmallWebRTCTransport, message) -> None:
-        """Keys from the page's data channel, one DTMF frame per digit; anything else is left alone."""
-        if not (isinstance(message, dict) and message.get("type") == "chroma-agents" and "dtmf" in message):
-            return
-        digits = message["dtmf"]
-        if not (isinstance(digits, str) and 0 < len(digits) <= MAX_DTMF_PER_MESSAGE and set(digits) <= KEYS):
-            self.runtime.metrics.dropped("bad_dtmf")
-            logger.warning(
-                f"call {call.stats.call_id}: dropped data channel message dtmf={json.dumps(digits)[:40]}; "
-                f"expected 1 to {MAX_DTMF_PER_MESSAGE} of {''.join(sorted(KEYS))}"
-            )
-            return
-        for digit in digits:
-            await transport.input().push_frame(InputDTMFFrame(button=KeypadEntry(digit)))
-
-    async def _run(self, pc_id: str, connection: SmallWebRTCConnection, call: Call) -> None:
-        try:
-            await call.run()
-        except Exception:  # one call's failure is logged and freed; the server and other calls go on
-            logger.exception(f"call {call.stats.call_id} failed")
-        finally:
-            self.active.pop(pc_id, None)
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-
-    async def close_all(self) -> None:
-        """Hang up every call; a reply still being spoken gets a short grace, then the call is cancelled."""
-        calls = list(self.active.values())
-        for _connection, call, _task in calls:
-            with contextlib.suppress(Exception):
-                await call.hang_up()
-        pending = {task for _c, _call, task in calls}
-        if pending:
-            _done, pending = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECS)
-        for _connection, call, task in calls:
-            if task in pending:
-                with contextlib.suppress(Exception):
-                    await call.cancel("server shutting down")
-        if pending:
-            _done, pending = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECS)
-        for task in pending:  # a pipeline that ignored its cancel: stop waiting on it
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for connection, _call, _task in calls:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-
-
 def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
     """``public_url`` (the base Twilio reaches this server at) overrides transports.twilio.public_url."""
     calls = WebRTCCalls(runtime)
     twilio = None
     if runtime.spec.transports.twilio.enabled:
-        from .twilio_routes import twilio_router
+        from .lines.twilio import twilio_router
 
         twilio = twilio_router(runtime, public_url)  # fails here, before serving, if misconfigured
     page = PAGE.read_text(encoding="utf-8")
@@ -275,7 +156,7 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
             if sip is not None:
                 await sip.stop()
                 await sip.handler.close()
-            await calls.close_all()
+            await calls.close()
             await runtime.close()
 
     app = FastAPI(title=f"chroma-agents: {runtime.spec.name}", lifespan=lifespan)
@@ -339,7 +220,7 @@ def create_app(runtime: AgentRuntime, public_url: str | None = None) -> FastAPI:
             raise HTTPException(400, "sdp: expected an offer with an audio media section (m=audio)")
         if (busy := runtime.busy_reason()) is not None:
             raise Busy(busy)
-        return await calls.start(parsed)
+        return await calls.start(parsed.sdp, parsed.type)
 
     @app.post("/api/calls", status_code=201, dependencies=[Depends(require_admin)], response_model=None)
     async def place(request: Request) -> JSONResponse:

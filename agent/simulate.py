@@ -12,7 +12,8 @@ from processors.audio_io import resample, to_float, to_pcm16
 from processors.chroma.rates import SAMPLE_RATE
 from transports.file import FileCallTransport
 
-from .runtime import AgentRuntime, Call
+from .call import Call
+from .runtime import AgentRuntime
 
 
 async def simulate_call(
@@ -35,10 +36,10 @@ async def simulate_call(
         pcm = np.asarray(caller_pcm)
         audio = to_float(pcm) if pcm.dtype == np.int16 else pcm
         caller_pcm, caller_rate = to_pcm16(resample(audio.reshape(-1), caller_rate, 16000)), 16000
-    transport = FileCallTransport(caller_pcm, caller_rate, output_rate=out_rate)
     # Listen at the caller's own rate where the VAD can, as a phone transport does.
     in_rate = caller_rate if caller_rate in (8000, 16000) else 16000
-    call = runtime.new_call(transport, kind="file", out_rate=out_rate, in_rate=in_rate)
+    transport = FileCallTransport(caller_pcm, caller_rate, output_rate=out_rate, in_rate=in_rate)
+    call = runtime.new_call(transport)
     settle = settle_secs + runtime.spec.turn.silence_secs
     service, clock = call.service, transport.clock
 

@@ -40,7 +40,8 @@ from transports.twilio_webhook import StreamTokens, connect_twiml, public_url
 from .outbound import OutboundError, PlacedCall, machine_answered
 
 if TYPE_CHECKING:
-    from .runtime import AgentRuntime, Call
+    from .call import Call
+    from .runtime import AgentRuntime
 
 API_VERSION = "2010-04-01"
 REST_TIMEOUT_SECS = 10.0
@@ -395,7 +396,7 @@ async def _hang_up_on_fax(placed: PlacedCall) -> None:
 
 def twilio_dial_out(runtime: AgentRuntime) -> TwilioDialOut:
     """The server's TwilioDialOut; OutboundError saying what to set when Twilio calls cannot be placed."""
-    dial_out = getattr(runtime, "twilio_dial_out", None)
+    dial_out = runtime.twilio_dial_out
     if dial_out is not None:
         return dial_out
     spec = runtime.spec.transports.twilio

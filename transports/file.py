@@ -29,6 +29,8 @@ from pipecat.transports.base_transport import BaseTransport, TransportParams
 from processors.audio import SUPPORTED_RATES, StreamResampler
 from processors.audio_io import to_pcm16
 
+from .line import PLAYS_AS_WRITTEN
+
 
 class _CallClock:
     """Seconds since the call started, shared by both directions."""
@@ -129,16 +131,32 @@ class FileOutputTransport(BaseOutputTransport):
 
 
 class FileCallTransport(BaseTransport):
-    """Events: on_caller_finished(transport) once the caller's audio has all been sent.
+    """A transports.line.Line that plays as it writes. Events: on_caller_finished(transport) once the
+    caller's audio has all been sent.
 
     `caller_pcm`: int16, or float in [-1, 1], at `caller_rate`, one of processors.audio.SUPPORTED_RATES
-    (a file at another rate is resampled when read: processors.audio_io.read_audio)."""
+    (a file at another rate is resampled when read: processors.audio_io.read_audio). `in_rate`: the rate
+    the call listens at (the VAD's: 8000 or 16000). `kind`: what the call counts as ("file")."""
 
-    def __init__(self, caller_pcm: np.ndarray, caller_rate: int, *, output_rate: int = 24000, frame_ms: int = 20):
+    can_transfer = True
+    playout = PLAYS_AS_WRITTEN
+
+    def __init__(
+        self,
+        caller_pcm: np.ndarray,
+        caller_rate: int,
+        *,
+        output_rate: int = 24000,
+        frame_ms: int = 20,
+        in_rate: int = 16000,
+        kind: str = "file",
+    ):
         super().__init__()
         # Checked here, not when the caller's task first resamples: there it would only end the call.
         if caller_rate not in SUPPORTED_RATES:
             raise ValueError(f"caller_rate is {caller_rate} Hz, expected one of {SUPPORTED_RATES}")
+        self.kind = kind
+        self.in_rate = in_rate
         self.caller_pcm = to_pcm16(np.asarray(caller_pcm).reshape(-1))
         self._pending: deque[np.ndarray] = deque([self.caller_pcm])  # caller audio not yet sent
         self.caller_rate = caller_rate
@@ -165,6 +183,10 @@ class FileCallTransport(BaseTransport):
 
     def output(self) -> FileOutputTransport:
         return self._output
+
+    @property
+    def out_rate(self) -> int:
+        return self.output_rate
 
     def _take(self, samples: int) -> np.ndarray:
         parts, need = [], samples
@@ -195,6 +217,10 @@ class FileCallTransport(BaseTransport):
         for digit in digits:
             self.events.append(("dtmf_in", self.clock.now(), digit))
             await self._input.push_frame(InputDTMFFrame(button=KeypadEntry(digit)))
+
+    async def hang_up(self) -> None:
+        """The agent's side ending the line: logged (ending the pipeline ends the simulated call)."""
+        self.events.append(("hang_up", self.clock.now()))
 
     async def transfer(self, target: str) -> bool:
         """A flow's transfer_call: logged; the simulated line always accepts."""

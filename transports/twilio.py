@@ -1,7 +1,7 @@
 """One Twilio phone call as a pipecat transport: a Media Stream WebSocket in, paced agent audio out.
 
     transport = TwilioCallTransport(websocket, state, on_bad_input=lambda kind: ...)
-    call = runtime.new_call(transport, kind="twilio", call_id=state.call_sid, in_rate=8000, out_rate=8000)
+    call = runtime.new_call(transport, call_id=state.call_sid)    # a transports.line.Line at 8 kHz
 
 The route accepts the socket and reads `connected`/`start` through ``state`` (a TwilioStreamState) before
 building this; from StartFrame on, the input side reads the rest. The wire format lives in
@@ -54,13 +54,19 @@ _warned_no_rest = False
 
 
 class TwilioCallTransport(BaseTransport):
-    """A pipecat transport over one accepted Media Stream WebSocket whose `start` was already read.
+    """A pipecat transport over one accepted Media Stream WebSocket whose `start` was already read: a
+    transports.line.Line whose playout is its output's account of Twilio's marks.
 
     Events: ``on_client_disconnected(transport, websocket)`` when the caller sent `stop` or the socket
     went away. ``on_bad_input(kind)`` is called once per dropped message (kinds from twilio_wire's
     ERROR_KINDS, plus ``bad_dtmf``). For hang-up and transfer over REST, pass ``rest_client`` (a
     ``twilio.rest.Client``) or ``account_sid`` and ``auth_token`` to build one.
     """
+
+    kind = "twilio"
+    in_rate = TWILIO_RATE
+    out_rate = TWILIO_RATE
+    can_transfer = True
 
     def __init__(
         self,
@@ -104,6 +110,11 @@ class TwilioCallTransport(BaseTransport):
         return self._input
 
     def output(self) -> TwilioOutputTransport:
+        return self._output
+
+    @property
+    def playout(self) -> TwilioOutputTransport:
+        """Twilio plays from its own queue: what it has not played is what its marks have not echoed."""
         return self._output
 
     # -- the socket, shared by both sides --

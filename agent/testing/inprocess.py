@@ -21,7 +21,8 @@ import numpy as np
 
 from transports.file import FileCallTransport
 
-from ..runtime import AgentRuntime, Call
+from ..call import Call
+from ..runtime import AgentRuntime
 
 
 class InProcessCall:
@@ -29,13 +30,14 @@ class InProcessCall:
         self, runtime: AgentRuntime, *, rate: int = 16000, out_rate: int = 16000, max_secs: float = 300.0
     ):
         self.rate = rate
-        self.transport = FileCallTransport(np.zeros(0, np.int16), rate, output_rate=out_rate)
-        self.call: Call = runtime.new_call(
-            self.transport,
-            kind="inprocess",
-            out_rate=out_rate,
+        self.transport = FileCallTransport(
+            np.zeros(0, np.int16),
+            rate,
+            output_rate=out_rate,
             in_rate=rate if rate in (8000, 16000) else 16000,
+            kind="inprocess",
         )
+        self.call: Call = runtime.new_call(self.transport)
         self.max_secs = max_secs
         self._task: asyncio.Task | None = None
 

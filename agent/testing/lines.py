@@ -39,7 +39,8 @@ from loguru import logger
 
 from processors.audio_io import PCM16_SCALE
 
-from ..runtime import AgentRuntime, Call
+from ..call import Call
+from ..runtime import AgentRuntime
 from .inprocess import InProcessCall
 
 SLOT = 0.02  # seconds per unit of heard audio
@@ -223,7 +224,7 @@ class TwilioLine(Line):
         self._run: asyncio.Task | None = None
 
     async def open(self) -> None:
-        from agent.twilio_routes import twilio_router
+        from agent.lines.twilio import twilio_router
 
         from .twilio_caller import TwilioCaller, fetch_voice_twiml, sid
         from .twilio_cloud import LocalTwilioCloud
@@ -303,7 +304,7 @@ class SipLine(Line):
         self._utterances = 0
 
     async def open(self) -> None:
-        from transports.sip.calls import sip_server
+        from agent.lines.sip import sip_server
 
         from .baresip import Baresip
 

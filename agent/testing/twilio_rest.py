@@ -321,8 +321,8 @@ class OutboundTwilioLine(TwilioLine):
         self._verdict: asyncio.Task | None = None
 
     async def open(self) -> None:
+        from agent.lines.twilio import twilio_router
         from agent.outbound import place_call, placed_call
-        from agent.twilio_routes import twilio_router
 
         cloud = self._cloud = await self._stack.enter_async_context(TwilioRest.running(self.ACCOUNT, self.TOKEN))
         # Twilio's API is the stand-in, known only now that it listens.

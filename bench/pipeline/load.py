@@ -52,6 +52,7 @@ def build_server_app(args):
 
     from agent.runtime import AgentRuntime
     from agent.spec import load_agent
+    from transports.line import TransportLine
 
     logger.remove()
     logger.add(sys.stderr, level=args.log_level)
@@ -160,7 +161,7 @@ def build_server_app(args):
                 audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer
             ),
         )
-        call = runtime.new_call(transport, kind="twilio", out_rate=PHONE_RATE, in_rate=PHONE_RATE)
+        call = runtime.new_call(TransportLine(transport, kind="twilio", in_rate=PHONE_RATE, out_rate=PHONE_RATE))
 
         @transport.event_handler("on_client_disconnected")
         async def _caller_left(_transport, _ws):

@@ -56,8 +56,8 @@ async def _run_file_call(runtime, caller: np.ndarray, rate: int, until: float):
     """One call on the file transport until `until` seconds on its clock; -> (call, transport, probe)."""
     from transports.file import FileCallTransport
 
-    transport = FileCallTransport(caller, rate, output_rate=PHONE_RATE)
-    call = runtime.new_call(transport, kind="file", out_rate=PHONE_RATE, in_rate=rate)
+    transport = FileCallTransport(caller, rate, output_rate=PHONE_RATE, in_rate=rate)
+    call = runtime.new_call(transport)
     probe = _Probe(call, transport)
 
     async def stop_at_deadline():

@@ -11,6 +11,7 @@ import wave
 import httpx
 import numpy as np
 
+from agent.lines.sip import sip_server
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
@@ -21,7 +22,6 @@ from tests.agent import test_sip_call as sip_tests
 from tests.agent.test_twilio_call import PUBLIC, TOKEN, dial, wait_call
 from tests.agent.test_twilio_call import agent_file as twilio_agent_file
 from tests.speech import requires_espeak, synthesize
-from transports.sip.calls import sip_server
 
 RECORDS = "\nrecords: {recordings: recordings}\n"
 

@@ -15,6 +15,7 @@ from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import InputDTMFFrame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 
+from agent.lines.sip import sip_server
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
@@ -22,7 +23,6 @@ from agent.testing.baresip import BARESIP, configure
 from processors.audio import ulaw_encode
 from processors.audio_io import read_audio, write_wav
 from tests.speech import requires_espeak, silence, synthesize
-from transports.sip.calls import sip_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).parent / "sip_scenarios"

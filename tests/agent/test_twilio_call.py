@@ -16,13 +16,13 @@ from fastapi import FastAPI
 from loguru import logger
 from pipecat.frames.frames import InputDTMFFrame
 
+from agent.lines.twilio import TwilioConfigError, twilio_router
 from agent.runtime import AgentRuntime
 from agent.server import create_app
 from agent.spec import load_agent
 from agent.testing.lines import serving
 from agent.testing.twilio_caller import TwilioCaller, fetch_voice_twiml, sid
 from agent.testing.twilio_cloud import LocalTwilioCloud
-from agent.twilio_routes import TwilioConfigError, twilio_router
 from tests.agent.test_call import agent_file as call_agent_file
 from tests.speech import requires_espeak, synthesize
 
@@ -336,8 +336,8 @@ async def test_transfer_dials_the_target_over_rest(tmp_path, tiny_model, rest):
         caller = await dial(host)
         running = asyncio.create_task(caller.run(seconds=1.5))
         call = await wait_call(runtime, caller.call_sid)
-        assert await call.transport.transfer("+14155550100")
-        assert not await call.transport.transfer("not a number")  # logged, never raised
+        assert await call.line.transfer("+14155550100")
+        assert not await call.line.transfer("not a number")  # logged, never raised
         await running
     [request] = rest.requests
     assert request["path"].endswith(f"/Calls/{caller.call_sid}.json")

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
+from agent.lines.sip import sip_server
 from agent.runtime import AgentRuntime
 from agent.spec import load_agent
 from agent.testing.baresip import BARESIP, Baresip
-from transports.sip.calls import sip_server
 
 from .test_runner import ROOT
 

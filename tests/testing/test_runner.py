@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from agent.runtime import AgentRuntime
-from agent.server import WRITE_TIMEOUT_SECS
 from agent.spec import load_agent
 from agent.testing.baresip import BARESIP
 from agent.testing.browser import CHROMIUM
@@ -19,6 +18,7 @@ from agent.testing.lines import WebRTCLine
 from agent.testing.pipecat_evals import load_scenarios
 from agent.testing.runner import ScenarioRunner
 from tests.speech import requires_espeak, synthesize
+from transports.webrtc import WRITE_TIMEOUT_SECS
 
 requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 requires_baresip = pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (apt-get install baresip)")

@@ -34,6 +34,7 @@ from .sdp import G711_CLOCK_RATE
 
 SIP_RATE = G711_CLOCK_RATE  # the line's PCM: G.711 is sampled at its clock rate
 PACKETS_AHEAD = 1
+PLAYED_WAIT_SECS = 0.5  # our queue holds at most a packet or two ahead of the wire
 
 
 class SipInputTransport(BaseInputTransport):
@@ -97,8 +98,28 @@ class SipOutputTransport(BaseOutputTransport):
             await self._session.send_dtmf(str(button.value))
 
 
+class SipPlayout:
+    """The playout of a SIP line: what a barge-in dropped from the RTP queue unsent, and a wait for
+    the queue to empty (what is sent is played; the jitter buffer at the far end is not ours to see)."""
+
+    def __init__(self, session: RtpSession, output: SipOutputTransport):
+        self._session = session
+        self._output = output
+
+    def unplayed_seconds(self) -> float:
+        return self._output.unplayed_seconds()
+
+    async def wait_played(self) -> None:
+        await self._session.drain(PLAYED_WAIT_SECS)
+
+
 class SipCallTransport(BaseTransport):
-    """Both directions of one SIP call's media, at 8 kHz."""
+    """Both directions of one SIP call's media, at 8 kHz: a transports.line.Line."""
+
+    kind = "sip"
+    in_rate = SIP_RATE
+    out_rate = SIP_RATE
+    can_transfer = True
 
     def __init__(
         self,
@@ -106,11 +127,14 @@ class SipCallTransport(BaseTransport):
         *,
         name: str | None = None,
         transfer: Callable[[str], Awaitable[bool]] | None = None,
+        hang_up: Callable[[], Awaitable[None]] | None = None,
     ):
-        """`transfer`: the dialog's blind transfer (REFER), for a flow's transfer_call."""
+        """`transfer`: the dialog's blind transfer (REFER), for a flow's transfer_call. `hang_up`: the
+        dialog's BYE."""
         super().__init__(name=name)
         self.session = session
         self._transfer = transfer
+        self._hang_up = hang_up
         self._params = TransportParams(
             audio_in_enabled=True,
             audio_in_sample_rate=SIP_RATE,
@@ -123,9 +147,22 @@ class SipCallTransport(BaseTransport):
         )
         self._input = SipInputTransport(session, self._params, name=f"{self.name}-input")
         self._output = SipOutputTransport(session, self._params, name=f"{self.name}-output")
+        self._playout = SipPlayout(session, self._output)
 
     def input(self) -> SipInputTransport:
         return self._input
+
+    def output(self) -> SipOutputTransport:
+        return self._output
+
+    @property
+    def playout(self) -> SipPlayout:
+        return self._playout
+
+    async def hang_up(self) -> None:
+        """End the dialog (BYE), through whatever the glue gave; without it, only the pipeline ends."""
+        if self._hang_up is not None:
+            await self._hang_up()
 
     async def transfer(self, target: str) -> bool:
         """Ask the caller's side to call `target` instead (REFER); True when it accepted."""
@@ -133,6 +170,3 @@ class SipCallTransport(BaseTransport):
             logger.warning(f"{self.name}: transfer to {target} asked for, but this call has no dialog to REFER")
             return False
         return await self._transfer(target)
-
-    def output(self) -> SipOutputTransport:
-        return self._output

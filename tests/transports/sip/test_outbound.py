@@ -268,9 +268,9 @@ async def test_a_message_is_left_after_the_beep(tmp_path, tiny_model):
 
 
 def test_the_address_the_callee_reaches_us_at():
+    from agent.lines.sip import _local_address
     from agent.outbound import OutboundError
     from agent.spec import SIPTransportSpec
-    from transports.sip.calls import _local_address
 
     assert _local_address(SIPTransportSpec(host="0.0.0.0"), "127.0.0.1") == "127.0.0.1"  # the route's source
     assert _local_address(SIPTransportSpec(host="0.0.0.0", public_address="203.0.113.5"), "127.0.0.1") == "203.0.113.5"

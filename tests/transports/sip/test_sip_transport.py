@@ -22,6 +22,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
+from agent.lines.sip import SipCalls, SipConfigError, sip_server
 from agent.metrics import ServerMetrics
 from agent.runtime import AgentRuntime
 from agent.spec import SIPTransportSpec, load_agent
@@ -29,7 +30,6 @@ from processors.audio import ulaw_decode, ulaw_encode
 from tests.agent.test_sip_call import agent_file
 from tests.speech import requires_espeak, synthesize
 from tests.transports.sip.test_rtp import HOST, TONE, is_tone, offer, peer, pool, wait_for
-from transports.sip.calls import SipCalls, SipConfigError, sip_server
 from transports.sip.dialog import CallRejected
 from transports.sip.dtmf import DtmfEvent, dtmf_packets
 from transports.sip.rtp import RtpSession
@@ -142,7 +142,7 @@ async def test_caller_audio_and_keys_come_in_as_frames_and_agent_keys_go_out_as_
 async def test_an_agent_call_over_rtp_answers_the_caller_with_audio(tmp_path, tiny_model):
     runtime = AgentRuntime(load_agent(agent_file(tmp_path)), model=tiny_model)
     transport, session, far = await connected_transport()
-    call = runtime.new_call(transport, kind="sip", call_id="sip-rtp-1", in_rate=8000, out_rate=8000)
+    call = runtime.new_call(transport, call_id="sip-rtp-1")
     running = asyncio.create_task(call.run())
     try:
         speech = ulaw_encode(synthesize("Hello, I would like to check on my order please.", 8000))
@@ -235,8 +235,9 @@ class FakeRuntime:
     def record_refusal(self, transport, reason, **ids):
         self.refusals.append((transport, reason, ids))
 
-    def new_call(self, transport, *, kind, call_id, in_rate, out_rate):
-        assert (kind, in_rate, out_rate) == ("sip", 8000, 8000) and isinstance(transport, SipCallTransport)
+    def new_call(self, transport, *, call_id):
+        assert (transport.kind, transport.in_rate, transport.out_rate) == ("sip", 8000, 8000)
+        assert isinstance(transport, SipCallTransport)
         self.made.append(FakeCall(self.lasts))
         self.transports.append(transport)
         return self.made[-1]

@@ -1,4 +1,4 @@
-"""SIP dialogs to agent calls: the `SipCallHandler` that gives each dialog its RTP ports, its SDP
+"""The SIP line's glue: the `SipCallHandler` that gives each dialog its RTP ports, its SDP
 answer and a running agent pipeline, and frees all of it once the dialog ends.
 
     server = sip_server(runtime)          # SipServer + SipCalls from the agent's transports.sip
@@ -28,19 +28,20 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from agent.outbound import OutboundError, PlacedCall, answering_screen
-from agent.runtime import AgentRuntime, Call
-from agent.spec import SIPTransportSpec
+from transports.sip.auth import AllowList, DigestAuthenticator
+from transports.sip.dialog import CallRejected, Dialog
+from transports.sip.outbound import Credentials, DialFailed, SipOutboundCall, offer_sdp
+from transports.sip.rtp import NoFreePort, PortPool, RtpSession
+from transports.sip.sdp import Answer, SdpError, negotiate
+from transports.sip.server import SipServer
+from transports.sip.transaction import SIP_DEFAULT_PORT
+from transports.sip.transport import SipCallTransport
+from transports.sip.values import SipParseError, SipUri
 
-from .auth import AllowList, DigestAuthenticator
-from .dialog import CallRejected, Dialog
-from .outbound import Credentials, DialFailed, SipOutboundCall, offer_sdp
-from .rtp import NoFreePort, PortPool, RtpSession
-from .sdp import Answer, SdpError, negotiate
-from .server import SipServer
-from .transaction import SIP_DEFAULT_PORT
-from .transport import SIP_RATE, SipCallTransport
-from .values import SipParseError, SipUri
+from ..call import Call
+from ..outbound import OutboundError, PlacedCall, answering_screen
+from ..runtime import AgentRuntime
+from ..spec import SIPTransportSpec
 
 RTP_TIMEOUT_SECS = 30.0  # no RTP this long on an active, un-held call: the peer is gone
 WATCH_INTERVAL_SECS = 1.0
@@ -60,6 +61,7 @@ class _Media:
 
     session: RtpSession
     answer: Answer
+    line: SipCallTransport | None = None
     call: Call | None = None
     task: asyncio.Task | None = None
     watchdog: asyncio.Task | None = None
@@ -139,12 +141,12 @@ class SipCalls:
         call_id = dialog.call_id
         if call_id in self.runtime.calls:  # a Call-ID reused while its first call still runs
             call_id = f"{call_id}#{next(_suffixes)}"
-        transport = SipCallTransport(media.session, name=f"sip-{call_id}", transfer=dialog.refer)
+        line = media.line = SipCallTransport(
+            media.session, name=f"sip-{call_id}", transfer=dialog.refer, hang_up=dialog.hang_up
+        )
         self.runtime.release(_reservation(dialog))  # the call itself counts from here
         try:
-            media.call = self.runtime.new_call(
-                transport, kind="sip", call_id=call_id, in_rate=SIP_RATE, out_rate=SIP_RATE
-            )
+            media.call = self.runtime.new_call(line, call_id=call_id)
         except Exception:
             logger.exception(f"call {dialog.call_id}: could not build the agent's pipeline")
             self._spawn(dialog.hang_up())
@@ -186,7 +188,7 @@ class SipCalls:
         if not media.ended:
             # The pipeline ended by itself (the agent hung up, or it failed): tell the caller.
             await media.session.drain(DRAIN_SECS)
-            await dialog.hang_up()
+            await media.line.hang_up()
 
     async def _watch(self, dialog: Dialog, media: _Media) -> None:
         """A peer that vanished without BYE must not hold a call slot (and a port pair) forever."""
@@ -340,15 +342,8 @@ async def sip_outbound(runtime: AgentRuntime, placed: PlacedCall) -> None:
             placed.finish("failed", f"the callee's SDP answer cannot be used: {exc}")
             return
         session.configure(answer)
-        transport = SipCallTransport(session, name=f"sip-{placed.id}", transfer=None)
-        call = runtime.new_call(
-            transport,
-            kind="sip",
-            call_id=placed.id,
-            in_rate=SIP_RATE,
-            out_rate=SIP_RATE,
-            screen=answering_screen(runtime, placed),
-        )
+        line = SipCallTransport(session, name=f"sip-{placed.id}", hang_up=dialog.hang_up)
+        call = runtime.new_call(line, call_id=placed.id, screen=answering_screen(runtime, placed))
         placed.attach(call)
         session.start()
         await _run_placed(call, dialog, session)

@@ -1,4 +1,4 @@
-"""Twilio phone calls on the agent's server: the number's voice webhook and the Media Stream socket.
+"""The Twilio line's glue: the number's voice webhook and the Media Stream socket on the agent's server.
 
     app.include_router(twilio_router(runtime, "https://agent.example.com"))
 
@@ -29,10 +29,10 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from transports.twilio import TwilioCallTransport
 from transports.twilio_webhook import StreamTokens, connect_twiml, public_url, verify_signature
-from transports.twilio_wire import TWILIO_RATE, Start, Stop, TwilioStreamState
+from transports.twilio_wire import Start, Stop, TwilioStreamState
 
-from .runtime import AgentRuntime, busy_label
-from .twilio_outbound import TwilioDialOut
+from ..runtime import AgentRuntime, busy_label
+from ..twilio_outbound import TwilioDialOut
 
 START_TIMEOUT_SECS = 10  # Twilio sends `connected` and `start` right after the upgrade
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook's form is a few hundred bytes
@@ -187,10 +187,7 @@ def twilio_router(runtime: AgentRuntime, public_base: str | None = None, *, rest
         )
         call = runtime.new_call(
             transport,
-            kind="twilio",
             call_id=start.call_sid,
-            in_rate=TWILIO_RATE,
-            out_rate=TWILIO_RATE,
             screen=dial_out.screen(leg) if leg is not None else None,  # who answered: Twilio's verdict
         )
         if leg is not None:
