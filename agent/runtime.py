@@ -464,7 +464,7 @@ class Call:
                 self.service,
                 output,
                 *(
-                    [LineTap(self.recorder, unplayed=getattr(output, "unplayed_seconds", None))]
+                    [LineTap(self.recorder, tracker.playout)]
                     if self.recorder is not None and self.recorder.recording is not None
                     else []
                 ),

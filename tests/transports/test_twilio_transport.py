@@ -177,7 +177,7 @@ async def test_audio_is_sent_at_most_the_lead_ahead_of_playback_and_every_piece_
     assert kinds.count("mark") == -(-50 // MARK_EVERY_CHUNKS)
     played = [f for f in h.collect.frames if isinstance(f, OutputAudioRawFrame)]
     assert len(played) == 50  # each written chunk is passed on for playout tracking
-    assert h.transport.output().unplayed_seconds() == 0.0
+    assert h.transport.playout.unplayed_seconds() == 0.0
 
 
 async def test_barge_in_clears_twilio_queue_sends_nothing_after_and_snapshots_unplayed_audio():
@@ -197,7 +197,7 @@ async def test_barge_in_clears_twilio_queue_sends_nothing_after_and_snapshots_un
         echoed = [n for n in socket.echoed if n in names]
         echoed_chunks = MARK_EVERY_CHUNKS * len(echoed)
         expected = (len(sent_before) - echoed_chunks) * CHUNK_SECS
-        assert h.transport.output().unplayed_seconds() == pytest.approx(expected, abs=1e-6)
+        assert h.transport.playout.unplayed_seconds() == pytest.approx(expected, abs=1e-6)
         assert 0 < expected <= LEAD_SECS + MARK_EVERY_CHUNKS * CHUNK_SECS + 1e-6
 
 
@@ -210,7 +210,7 @@ async def test_interruption_with_nothing_queued_sends_no_clear():
         await h.worker.queue_frame(InterruptionFrame())
         await asyncio.sleep(0.2)
         assert socket.events("clear") == []
-        assert h.transport.output().unplayed_seconds() == 0.0
+        assert h.transport.playout.unplayed_seconds() == 0.0
 
 
 async def test_caller_audio_and_dtmf_reach_the_pipeline_past_bad_input_and_stop_ends_the_call():
