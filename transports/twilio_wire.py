@@ -490,8 +490,9 @@ class TwilioStreamState:
     def mark(self) -> str | None:
         """A `mark` naming the agent audio sent since the last one (None when there is none); once Twilio
         echoes it, that audio counts as heard."""
+        sid = self._sid("a mark")
         name = self.playout.mark()
-        return None if name is None else mark_message(self._sid("a mark"), name)
+        return None if name is None else mark_message(sid, name)
 
     def clear(self) -> str | None:
         """The `clear` message for a barge-in, or None when Twilio has nothing queued to clear; either
