@@ -170,7 +170,7 @@ class Call:
                 self.service,
                 output,
                 *(
-                    [LineTap(self.recorder, unplayed=line.playout.unplayed_seconds)]
+                    [LineTap(self.recorder, tracker.playout)]
                     if self.recorder is not None and self.recorder.recording is not None
                     else []
                 ),

@@ -40,6 +40,7 @@ from records.recording import CallRecording, drain_recordings
 from records.retention import prune
 from records.store import CallStore, open_store
 from records.writer import RecordWriter
+from transports.line import Playout
 
 MAX_TEXT = 4000  # characters of one value kept in an event (a tool's result can be anything)
 
@@ -392,18 +393,19 @@ class CallerTap(FrameProcessor):
 
 class LineTap(FrameProcessor):
     """After the transport's output, which passes each chunk on once written: the agent's side of the
-    recording. `unplayed`: for a line that plays from its own queue, what a barge-in cleared unheard."""
+    recording. `playout`: the call's account of what was heard (processors.playout's CallPlayout), which
+    says how much a barge-in cleared unheard."""
 
-    def __init__(self, recorder: CallRecorder, unplayed: Callable[[], float] | None = None, **kwargs):
+    def __init__(self, recorder: CallRecorder, playout: Playout, **kwargs):
         super().__init__(enable_direct_mode=True, **kwargs)
         self._recorder = recorder
-        self._unplayed = unplayed
+        self._playout = playout
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, OutputAudioRawFrame):
             self._recorder.agent_audio(frame.audio, frame.sample_rate)
-        elif isinstance(frame, InterruptionFrame) and self._unplayed is not None:
-            self._recorder.agent_cleared(self._unplayed())
+        elif isinstance(frame, InterruptionFrame):
+            self._recorder.agent_cleared(self._playout.unplayed_seconds())
         await self.push_frame(frame, direction)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 from loguru import logger
@@ -37,17 +36,13 @@ from starlette.websockets import WebSocket, WebSocketState
 from processors.audio import ulaw_encode
 
 from .twilio_webhook import hangup_twiml, transfer_twiml, update_call
-from .twilio_wire import TWILIO_RATE, Dtmf, Media, Stop, TwilioStreamState, media_message
-from .twilio_wire import Mark as MarkEcho
+from .twilio_wire import TWILIO_RATE, Dtmf, Media, Stop, TwilioPlayout, TwilioStreamState
 
 CHUNK_SECS = 0.02  # one media message per 20 ms, the size Twilio itself sends
 # Twilio plays what we send in order from its own queue. Staying this far ahead of its playback keeps
 # the caller's audio gapless through our scheduling jitter while leaving little to `clear` on barge-in.
 LEAD_SECS = 0.2
 MARK_EVERY_CHUNKS = 4  # a mark per 80 ms of audio: one Chroma frame, the unit a cut reply is measured in
-# After the agent hangs up, how long past the estimated end of playback to wait for the last mark echo
-# before hanging up over REST (which cuts whatever Twilio still has queued).
-DRAIN_GRACE_SECS = 1.0
 
 BadInputCallback = Callable[[str], None]
 _warned_no_rest = False
@@ -113,9 +108,9 @@ class TwilioCallTransport(BaseTransport):
         return self._output
 
     @property
-    def playout(self) -> TwilioOutputTransport:
+    def playout(self) -> TwilioPlayout:
         """Twilio plays from its own queue: what it has not played is what its marks have not echoed."""
-        return self._output
+        return self.state.playout
 
     # -- the socket, shared by both sides --
 
@@ -198,7 +193,8 @@ class TwilioCallTransport(BaseTransport):
 
 
 class TwilioInputTransport(BaseInputTransport):
-    """Reads the socket from StartFrame on: caller audio, DTMF, mark echoes, `stop`."""
+    """Reads the socket from StartFrame on: caller audio, DTMF, mark echoes (applied by the stream
+    state), `stop`."""
 
     def __init__(self, transport: TwilioCallTransport, params: TransportParams, **kwargs):
         super().__init__(params, **kwargs)
@@ -259,10 +255,9 @@ class TwilioInputTransport(BaseInputTransport):
                         )
                 elif isinstance(event, Dtmf):
                     await self._dtmf(event)
-                elif isinstance(event, MarkEcho):
-                    t.output().mark_echoed()
                 elif isinstance(event, Stop):
                     t.caller_stopped = True
+                    state.playout.far_end_gone()
                     break
         except Exception as e:  # the socket vanished (or broke) under us: the caller is gone either way
             logger.debug(f"Twilio call {state.call_sid}: receive ended ({type(e).__name__}: {e})")
@@ -286,19 +281,16 @@ class TwilioInputTransport(BaseInputTransport):
 
 class TwilioOutputTransport(BaseOutputTransport):
     """Sends agent audio as 20 ms media messages, paced a fixed lead ahead of Twilio's playback, with a
-    mark per 80 ms and at the end of each reply; on barge-in, `clear`s what Twilio still has queued."""
+    mark per 80 ms and at the end of each reply; on barge-in, `clear`s what Twilio still has queued. The
+    call's `TwilioPlayout` (on the stream state) keeps the account of what was sent and played."""
 
     def __init__(self, transport: TwilioCallTransport, params: TransportParams, **kwargs):
         super().__init__(params, **kwargs)
         self._transport = transport
+        self._playout = transport.state.playout
         self._generation = 0  # bumped on each barge-in; a chunk that waited across one is dropped
         self._interrupted = asyncio.Event()
-        self._play_end = 0.0  # monotonic time Twilio's queue is estimated to run dry
-        self._sent_seconds = 0.0  # audio sent since the stream began (cleared audio taken back out)
-        self._unmarked: list[bytes] = []  # chunks sent since the last mark
-        self._unplayed_at_clear = 0.0
-        self._echoed = asyncio.Event()
-        self.clears = 0
+        self._unmarked_chunks = 0
 
     async def start(self, frame: StartFrame):
         await super().start(frame)
@@ -306,10 +298,10 @@ class TwilioOutputTransport(BaseOutputTransport):
 
     async def stop(self, frame: EndFrame):
         await super().stop(frame)  # drains queued audio through write_audio_frame
-        await self._mark_unmarked()
+        await self._mark()
         t = self._transport
         if not t.caller_stopped:
-            await self.wait_played()
+            await self._playout.wait_played()
             if not t.caller_stopped and not t.transferred:
                 # Closing alone would resume the caller's TwiML after <Connect>; hang up explicitly
                 # (not after a transfer: the call now belongs to the <Dial>).
@@ -319,17 +311,6 @@ class TwilioOutputTransport(BaseOutputTransport):
     async def cancel(self, frame: CancelFrame):
         await super().cancel(frame)
         await self._transport.close()
-
-    def queued_seconds(self) -> float:
-        """Audio estimated still queued at Twilio: what we sent, less what its real-time playback used."""
-        return max(0.0, self._play_end - time.monotonic())
-
-    def unplayed_seconds(self) -> float:
-        """Seconds sent whose marks had not come back when the last barge-in's `clear` went out."""
-        return self._unplayed_at_clear
-
-    def mark_echoed(self) -> None:
-        self._echoed.set()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -342,60 +323,39 @@ class TwilioOutputTransport(BaseOutputTransport):
         # The audio task pushes TTSStoppedFrame on after the reply's last chunk was written, so a mark
         # sent here closes exactly that reply's audio.
         if isinstance(frame, TTSStoppedFrame) and direction == FrameDirection.DOWNSTREAM:
-            await self._mark_unmarked()
+            await self._mark()
         await super().push_frame(frame, direction)
 
     async def _barge_in(self):
         self._generation += 1
         self._interrupted.set()
         self._interrupted = asyncio.Event()
-        state = self._transport.state
-        self._unplayed_at_clear = max(0.0, self._sent_seconds - state.heard_seconds)
-        if state.pending_marks or self._unmarked:
-            self._unmarked.clear()
-            self.clears += 1
-            await self._transport.send(state.clear())
-        self._sent_seconds = state.heard_seconds
-        self._play_end = time.monotonic()
+        self._unmarked_chunks = 0
+        clear = self._transport.state.clear()
+        if clear is not None:
+            await self._transport.send(clear)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         generation, interrupted = self._generation, self._interrupted
         seconds = len(frame.audio) / (2 * TWILIO_RATE)
-        wait = self.queued_seconds() - (LEAD_SECS - seconds)
+        wait = self._playout.queued_seconds() - (LEAD_SECS - seconds)
         if wait > 0:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(interrupted.wait(), timeout=wait)
         if generation != self._generation:
             return False  # the caller barged in while this chunk waited: never sent, never heard
-        state = self._transport.state
-        # Counted before the send so a barge-in landing during it sees this chunk as sent.
-        self._sent_seconds += seconds
-        self._play_end = max(self._play_end, time.monotonic()) + seconds
-        if not await self._transport.send(media_message(state.stream_sid, ulaw_encode(frame.audio))):
+        message = self._transport.state.media(ulaw_encode(frame.audio))  # encoded once, here
+        self._playout.sending(seconds)
+        if not await self._transport.send(message):
             return False
-        self._unmarked.append(frame.audio)
-        if len(self._unmarked) >= MARK_EVERY_CHUNKS:
-            await self._mark_unmarked()
+        self._unmarked_chunks += 1
+        if self._unmarked_chunks >= MARK_EVERY_CHUNKS:
+            await self._mark()
         return True
 
-    async def _mark_unmarked(self):
-        if not self._unmarked:
-            return
-        pcm = b"".join(self._unmarked)
-        self._unmarked.clear()
-        # The chunks already went out one by one as pacing allowed; the state registers them as one
-        # piece and names its mark, which is the last message it builds.
-        messages = self._transport.state.outbound_media(pcm)
-        await self._transport.send(messages[-1])
-
-    async def wait_played(self):
-        """Until Twilio has echoed every mark (all sent audio played), bounded by the estimated playback."""
-        deadline = time.monotonic() + self.queued_seconds() + DRAIN_GRACE_SECS
-        state = self._transport.state
-        while True:
-            self._echoed.clear()  # before the check, so an echo landing in between still wakes us
-            remaining = deadline - time.monotonic()
-            if not state.pending_marks or self._transport.caller_stopped or remaining <= 0:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._echoed.wait(), timeout=remaining)
+    async def _mark(self):
+        # The chunks already went out one by one as pacing allowed; the mark names them as one piece.
+        self._unmarked_chunks = 0
+        mark = self._transport.state.mark()
+        if mark is not None:
+            await self._transport.send(mark)

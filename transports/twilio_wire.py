@@ -1,5 +1,6 @@
 """Twilio Media Streams on the wire: parse what Twilio sends, build what we send, and keep one call's
-stream state (order, stream identity, bad-input counts, and which agent audio the caller has heard).
+stream state (order, stream identity, bad-input counts) and its account of the agent audio sent and
+played (`TwilioPlayout`, fed by mark echoes).
 
 No frames and no sockets here: the transport feeds text messages in and sends the strings it gets back.
 Message shapes follow Twilio's Media Streams reference (see shared docs, telephony facts section 2).
@@ -7,9 +8,12 @@ Message shapes follow Twilio's Media Streams reference (see shared docs, telepho
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,13 +21,10 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from processors.audio import ulaw_decode, ulaw_encode
+from processors.audio import ulaw_decode
 
 TWILIO_RATE = 8000  # Media Streams audio is always mu-law, 8 kHz, mono
 ENCODING = "audio/x-mulaw"
-# 20 ms of 8 kHz mu-law (one byte per sample): the size Twilio itself sends. Outbound size is free, but
-# chunks of a few ms are reported to play choppy, and 20 ms keeps one message per inbound-sized frame.
-CHUNK_BYTES = 160
 # Largest inbound media payload accepted: 1 s of audio. Twilio sends 160 bytes; anything far larger is a
 # broken or hostile peer, and decoding it would only waste memory.
 MAX_PAYLOAD_BYTES = TWILIO_RATE
@@ -285,17 +286,129 @@ def clear_message(stream_sid: str) -> str:
     return _dumps({"event": "clear", "streamSid": stream_sid})
 
 
+# --- what the caller heard of the agent's audio ---
+
+# After the agent's last audio, how long past the estimated end of Twilio's playback to wait for the last
+# mark echo (a lost echo must not hold the call).
+DRAIN_GRACE_SECS = 1.0
+
+
+class TwilioPlayout:
+    """One call's account of the agent audio sent to Twilio and played there: the `Playout` of a Twilio
+    line (transports/line.py).
+
+    Twilio plays its queue in order and echoes a mark once the audio sent before it has played, so
+    echoes come back in send order and only they tell what the caller heard. The output transport
+    reports each chunk as it sends it (`sending`), asks for a mark naming the audio sent since the last
+    one (`mark`), and `clear`s on barge-in; the stream state applies echoes (`echoed`)."""
+
+    def __init__(self) -> None:
+        self._next_mark = 0
+        self._pending: OrderedDict[str, float] = OrderedDict()  # mark name -> seconds it closes, oldest first
+        # Marks dropped by clear(): Twilio still echoes them, and those echoes mean "discarded".
+        self._cleared: set[str] = set()
+        self._unmarked = 0.0  # seconds sent since the last mark
+        self._sent = 0.0  # seconds sent since the stream began, cleared audio taken back out
+        self._heard = 0.0
+        self._play_end = 0.0  # monotonic time Twilio's queue is estimated to run dry
+        self._unplayed_at_clear = 0.0
+        self._echoed = asyncio.Event()
+        self._far_end_gone = False
+
+    # -- fed by the output transport --
+
+    def sending(self, seconds: float) -> None:
+        """A chunk of `seconds` is going out now (counted before the send, so that a barge-in landing
+        during it sees the chunk as sent)."""
+        self._sent += seconds
+        self._unmarked += seconds
+        self._play_end = max(self._play_end, time.monotonic()) + seconds
+
+    def mark(self) -> str | None:
+        """The name of a new mark closing the audio sent since the last one; None when there is none."""
+        if self._unmarked <= 0:
+            return None
+        self._next_mark += 1
+        name = f"a{self._next_mark}"
+        self._pending[name] = self._unmarked
+        self._unmarked = 0.0
+        return name
+
+    def clear(self) -> bool:
+        """Barge-in: what was sent and not echoed is dropped unheard (its seconds kept for
+        `unplayed_seconds`); pending marks are forgotten. Returns whether Twilio has anything to clear."""
+        self._unplayed_at_clear = max(0.0, self._sent - self._heard)
+        anything = bool(self._pending) or self._unmarked > 0
+        self._cleared.update(self._pending)
+        self._pending.clear()
+        self._unmarked = 0.0
+        self._sent = self._heard
+        self._play_end = time.monotonic()
+        return anything
+
+    def far_end_gone(self) -> None:
+        """Twilio stopped the stream: no more echoes will come."""
+        self._far_end_gone = True
+        self._echoed.set()
+
+    # -- fed by Twilio --
+
+    def echoed(self, name: str) -> str | None:
+        """Twilio echoed mark `name`: its audio and all before it were played. Returns the kind of bad
+        input it was (an ERROR_KINDS label: an unknown mark is ignored, one out of order still counts)."""
+        if name in self._cleared:
+            self._cleared.discard(name)  # expected after clear(): discarded audio, not heard
+            return None
+        if name not in self._pending:
+            return "unknown_mark"
+        # Everything queued before this mark has played, so earlier pieces were heard too.
+        problem = None if next(iter(self._pending)) == name else "mark_out_of_order"
+        while self._pending:
+            done, seconds = self._pending.popitem(last=False)
+            self._heard += seconds
+            if done == name:
+                break
+        self._echoed.set()
+        return problem
+
+    # -- read --
+
+    def queued_seconds(self) -> float:
+        """Audio estimated still queued at Twilio: what was sent, less what its real-time playback used."""
+        return max(0.0, self._play_end - time.monotonic())
+
+    @property
+    def heard_seconds(self) -> float:
+        """Seconds of agent audio the caller has heard: up to the last echoed mark."""
+        return self._heard
+
+    @property
+    def pending_marks(self) -> tuple[str, ...]:
+        """Marks sent and not yet echoed, oldest first."""
+        return tuple(self._pending)
+
+    def unplayed_seconds(self) -> float:
+        """Seconds sent whose marks had not come back when the last barge-in's `clear` went out."""
+        return self._unplayed_at_clear
+
+    async def wait_played(self) -> None:
+        """Until Twilio has echoed every mark (all sent audio played), bounded by the estimated playback."""
+        deadline = time.monotonic() + self.queued_seconds() + DRAIN_GRACE_SECS
+        while True:
+            self._echoed.clear()  # before the check, so an echo landing in between still wakes us
+            remaining = deadline - time.monotonic()
+            if not self._pending or self._far_end_gone or remaining <= 0:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._echoed.wait(), timeout=remaining)
+
+
 # --- one call's stream state ---
 
 
-@dataclass(frozen=True)
-class _Piece:
-    frames: tuple[int, int] | None
-    seconds: float
-
-
 class TwilioStreamState:
-    """One call's side of the stream: validates incoming messages in context and tracks marks.
+    """One call's side of the stream: validates incoming messages in context and applies mark echoes
+    to the call's `playout`.
 
     Bad input is counted in ``counts`` (by kind), logged once per kind per call, and dropped: a malformed
     message never ends the call.
@@ -307,14 +420,7 @@ class TwilioStreamState:
         self.account_sid: str | None = None
         self.custom_parameters: dict[str, str] = {}
         self.counts: Counter[str] = Counter()
-        self._next_mark = 0
-        # Marks sent and not yet echoed, oldest first. Twilio plays its queue in order, so echoes come
-        # back in send order; the queue lives at Twilio, so only echoes tell what the caller heard.
-        self._pending: OrderedDict[str, _Piece] = OrderedDict()
-        # Marks dropped by clear(): Twilio still echoes them, and those echoes mean "discarded".
-        self._cleared: set[str] = set()
-        self._heard_frames = 0
-        self._heard_seconds = 0.0
+        self.playout = TwilioPlayout()
 
     # -- incoming --
 
@@ -334,9 +440,19 @@ class TwilioStreamState:
             self.stream_sid, self.call_sid = event.stream_sid, event.call_sid
             self.account_sid = event.account_sid
             self.custom_parameters = dict(event.custom_parameters)
-        elif isinstance(event, Mark) and not self._apply_echo(event.name):
+        elif isinstance(event, Mark) and not self.mark_echo(event.name):
             return None  # unknown mark: counted, and not worth passing on
         return event
+
+    def mark_echo(self, name: str) -> bool:
+        """Apply Twilio's echo of mark `name`; False when no such mark is waiting (counted as bad input).
+
+        Only for callers not feeding Twilio's messages through receive(), which applies echoes itself.
+        """
+        problem = self.playout.echoed(name)
+        if problem is not None:
+            self._reject(TwilioWireError(problem, name[:40]))
+        return problem != "unknown_mark"
 
     def _check(self, event: TwilioEvent) -> None:
         if isinstance(event, Connected):
@@ -360,75 +476,26 @@ class TwilioStreamState:
                 f"further '{error.kind}' errors on this call are only counted"
             )
 
-    # -- outgoing agent audio and marks --
+    # -- outgoing --
 
-    def outbound_media(
-        self, pcm16: bytes | np.ndarray, *, frames: tuple[int, int] | None = None
-    ) -> list[str]:
-        """Messages for one piece of agent audio (16-bit PCM at 8 kHz): 20 ms `media` chunks, then a mark.
-
-        ``frames`` is the (start, end) span of the agent's frames this audio carries; once the mark is
-        echoed, ``heard_frames`` becomes ``end``.
-        """
+    def _sid(self, what: str) -> str:
         if self.stream_sid is None:
-            raise RuntimeError("no Twilio stream yet: outbound media needs the streamSid from `start`")
-        ulaw = ulaw_encode(pcm16)
-        messages = [
-            media_message(self.stream_sid, ulaw[i : i + CHUNK_BYTES])
-            for i in range(0, len(ulaw), CHUNK_BYTES)
-        ]
-        self._next_mark += 1
-        name = f"a{self._next_mark}"
-        self._pending[name] = _Piece(frames, len(ulaw) / TWILIO_RATE)
-        messages.append(mark_message(self.stream_sid, name))
-        return messages
+            raise RuntimeError(f"no Twilio stream yet: {what} needs the streamSid from `start`")
+        return self.stream_sid
 
-    def mark_echo(self, name: str) -> int:
-        """Twilio echoed ``name``: its audio (and all before it) was played. Returns ``heard_frames``.
+    def media(self, ulaw: bytes) -> str:
+        """`media` for one chunk of agent audio, already mu-law (see `media_message`)."""
+        return media_message(self._sid("outbound media"), ulaw)
 
-        Only for callers not feeding Twilio's messages through receive(), which applies echoes itself.
-        """
-        self._apply_echo(name)
-        return self._heard_frames
+    def mark(self) -> str | None:
+        """A `mark` naming the agent audio sent since the last one (None when there is none); once Twilio
+        echoes it, that audio counts as heard."""
+        sid = self._sid("a mark")
+        name = self.playout.mark()
+        return None if name is None else mark_message(sid, name)
 
-    def _apply_echo(self, name: str) -> bool:
-        if name in self._cleared:
-            self._cleared.discard(name)  # expected after clear(): discarded audio, not heard
-            return True
-        if name not in self._pending:
-            self._reject(TwilioWireError("unknown_mark", name[:40]))
-            return False
-        if next(iter(self._pending)) != name:
-            # Everything queued before this mark has played, so earlier pieces were heard too.
-            self._reject(TwilioWireError("mark_out_of_order", name[:40]))
-        while self._pending:
-            done, piece = self._pending.popitem(last=False)
-            self._heard_seconds += piece.seconds
-            if piece.frames is not None:
-                self._heard_frames = piece.frames[1]
-            if done == name:
-                break
-        return True
-
-    def clear(self) -> str:
-        """The `clear` message for a barge-in; marks not yet echoed are forgotten (never heard)."""
-        if self.stream_sid is None:
-            raise RuntimeError("no Twilio stream yet: clear needs the streamSid from `start`")
-        self._cleared.update(self._pending)
-        self._pending.clear()
-        return clear_message(self.stream_sid)
-
-    @property
-    def pending_marks(self) -> tuple[str, ...]:
-        """Marks sent and not yet echoed, oldest first."""
-        return tuple(self._pending)
-
-    @property
-    def heard_frames(self) -> int:
-        """End frame of the last echoed piece that carried ``frames`` (0 before any)."""
-        return self._heard_frames
-
-    @property
-    def heard_seconds(self) -> float:
-        """Seconds of agent audio the caller has heard: the end of the last echoed mark."""
-        return self._heard_seconds
+    def clear(self) -> str | None:
+        """The `clear` message for a barge-in, or None when Twilio has nothing queued to clear; either
+        way, audio sent and not yet echoed is forgotten (never heard)."""
+        sid = self._sid("clear")
+        return clear_message(sid) if self.playout.clear() else None

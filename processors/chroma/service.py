@@ -2,8 +2,8 @@
 
 Caller audio (16 kHz) is kept while the user speaks; when the user's turn ends the turn's audio
 goes to the call's engine session, and its chunks come back as TTS audio and text frames. A
-barge-in cancels the session, and the output side's report of what was played (AudioPlayedFrame,
-from processors.playout) tells the session what the caller heard.
+barge-in cancels the session, and the call's account of what was played (processors.playout's
+AudioPlayedFrame, from its `CallPlayout`) tells the session what the caller heard.
 
 Tool calls go through pipecat's function-call machinery, so `FlowManager` transitions work unchanged:
 the session reports a parsed call, `run_function_calls` runs the registered handler, and its result
@@ -57,7 +57,7 @@ from pipecat.utils.text.base_text_aggregator import TextType
 
 from ..audio import StreamResampler
 from ..audio_io import to_float, to_pcm16
-from ..playout import AudioPlayedFrame, PlayedOutFrame
+from ..playout import AudioPlayedFrame, CallPlayout, PlayedOutFrame, PlayoutFrame
 from .config import FRAME_SECONDS, LISTEN_RATE, SAMPLE_RATE
 from .session_protocol import SpeechSession
 from .settings import ChromaSettings, open_session
@@ -65,8 +65,8 @@ from .settings import ChromaSettings, open_session
 # Without a VAD upstream no turn ever starts; this much loud caller audio with no turn says so.
 NO_TURN_WARN_SECS = 3.0
 SPEECH_RMS = 500.0  # -36 dBFS: well above line noise, well below speech
-# How long past the estimated end of the agent's audio a call action waits to hear it was played out
-# (a transport's lead and a far end's jitter buffer fit well inside it).
+# How long a call action waits to hear the agent's audio was played out while no more of it is written to
+# the line (a transport's lead and a far end's jitter buffer fit well inside it).
 PLAYED_OUT_GRACE_SECS = 3.0
 
 
@@ -192,7 +192,7 @@ class ChromaS2SService(LLMService):
         self._context = context
         self._calls: dict[str, object] = {}  # tool calls made and not yet answered, by id
         self._pending_actions: set[asyncio.Task] = set()
-        self._playing_until = 0.0  # monotonic time the audio pushed so far should finish playing
+        self._playout: CallPlayout | None = None  # the call's account of what was heard (PlayoutFrame)
         self._played_out_markers: list[PlayedOutFrame] = []
         session.on_tool_call = self._tool_call
         self.sent_text = ""
@@ -235,6 +235,9 @@ class ChromaS2SService(LLMService):
             return
         if isinstance(frame, AudioPlayedFrame):
             self._played(frame.seconds)
+            return
+        if isinstance(frame, PlayoutFrame):
+            self._playout = frame.playout
             return
         if isinstance(frame, UserStartedSpeakingFrame):
             self._turn_seen = True
@@ -502,24 +505,24 @@ class ChromaS2SService(LLMService):
             logger.exception(f"{self}: call action failed")
 
     async def _played_out(self) -> None:
-        """Return once the audio pushed so far has been played out, a barge-in dropped it, or it is
-        well past when it should have finished (an output that lost the marker must not hold the call)."""
+        """Return once the audio pushed so far has been played out, a barge-in dropped it, or nothing
+        more was written to the line for a while (an output that lost the marker must not hold the call)."""
         marker = PlayedOutFrame()
         self._played_out_markers.append(marker)
         try:
             await self.push_frame(marker)
-            deadline = max(0.0, self._playing_until - time.monotonic()) + PLAYED_OUT_GRACE_SECS
-            await asyncio.wait_for(marker.reached.wait(), timeout=deadline)
-        except TimeoutError:
-            logger.warning(f"{self}: no word that the audio was played out; going on")
+            while True:
+                written = self._playout.written_seconds if self._playout is not None else None
+                try:
+                    await asyncio.wait_for(marker.reached.wait(), timeout=PLAYED_OUT_GRACE_SECS)
+                    return
+                except TimeoutError:
+                    # Audio still being written: the marker is queued behind it and on its way.
+                    if written is None or self._playout.written_seconds == written:
+                        logger.warning(f"{self}: no word that the audio was played out; going on")
+                        return
         finally:
             self._played_out_markers.remove(marker)
-
-    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
-        if isinstance(frame, TTSAudioRawFrame):
-            seconds = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
-            self._playing_until = max(self._playing_until, time.monotonic()) + seconds
-        await super().push_frame(frame, direction)
 
     async def end_call(self) -> None:
         """Hang up once what has been said is played out: pushed downstream, behind the reply's audio,
@@ -539,7 +542,6 @@ class ChromaS2SService(LLMService):
     async def _barge_in(self) -> None:
         for marker in self._played_out_markers:  # dropped with the audio: nothing more will play
             marker.reached.set()
-        self._playing_until = time.monotonic()
         if self._reply_task is None:
             return
         generating = not self._reply_task.done()

@@ -25,6 +25,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 from starlette.websockets import WebSocketState
 
+from processors.audio import ulaw_encode
 from transports.twilio import CHUNK_SECS, LEAD_SECS, MARK_EVERY_CHUNKS, TwilioCallTransport
 from transports.twilio_wire import TwilioStreamState
 
@@ -177,7 +178,7 @@ async def test_audio_is_sent_at_most_the_lead_ahead_of_playback_and_every_piece_
     assert kinds.count("mark") == -(-50 // MARK_EVERY_CHUNKS)
     played = [f for f in h.collect.frames if isinstance(f, OutputAudioRawFrame)]
     assert len(played) == 50  # each written chunk is passed on for playout tracking
-    assert h.transport.output().unplayed_seconds() == 0.0
+    assert h.transport.playout.unplayed_seconds() == 0.0
 
 
 async def test_barge_in_clears_twilio_queue_sends_nothing_after_and_snapshots_unplayed_audio():
@@ -197,8 +198,36 @@ async def test_barge_in_clears_twilio_queue_sends_nothing_after_and_snapshots_un
         echoed = [n for n in socket.echoed if n in names]
         echoed_chunks = MARK_EVERY_CHUNKS * len(echoed)
         expected = (len(sent_before) - echoed_chunks) * CHUNK_SECS
-        assert h.transport.output().unplayed_seconds() == pytest.approx(expected, abs=1e-6)
+        assert h.transport.playout.unplayed_seconds() == pytest.approx(expected, abs=1e-6)
         assert 0 < expected <= LEAD_SECS + MARK_EVERY_CHUNKS * CHUNK_SECS + 1e-6
+
+
+async def test_each_chunk_is_encoded_once_and_marks_carry_no_audio(monkeypatch):
+    import transports.twilio as twilio
+    import transports.twilio_wire as twilio_wire
+
+    encoded = []
+
+    def counting_encode(pcm):
+        encoded.append(bytes(pcm))
+        return ulaw_encode(pcm)
+
+    monkeypatch.setattr(twilio, "ulaw_encode", counting_encode)
+    # The wire module too, should it ever encode again (it builds marks).
+    monkeypatch.setattr(twilio_wire, "ulaw_encode", counting_encode, raising=False)
+    socket = FakeSocket(echo=True)
+    async with Harness(socket) as h:
+        await h.speak(0.5)
+        await h.worker.queue_frame(TTSStoppedFrame())
+        await wait_for(lambda: socket.events("mark") and len(socket.echoed) == len(socket.events("mark")))
+    media = [base64.b64decode(m["media"]["payload"]) for _, m in socket.events("media")]
+    # One encoding per chunk written, and what went out is exactly those encodings, nothing re-encoded.
+    assert len(encoded) == len(media) == 25
+    assert media == [ulaw_encode(chunk) for chunk in encoded]
+    assert b"".join(encoded) == (np.sin(np.arange(4000) / 5) * 8000).astype(np.int16).tobytes()
+    # Every message sent is a chunk or a mark naming the chunks before it: no throwaway media.
+    assert {m["event"] for _, m in socket.sent} == {"media", "mark"}
+    assert len(socket.events("mark")) == -(-25 // MARK_EVERY_CHUNKS)
 
 
 async def test_interruption_with_nothing_queued_sends_no_clear():
@@ -210,7 +239,7 @@ async def test_interruption_with_nothing_queued_sends_no_clear():
         await h.worker.queue_frame(InterruptionFrame())
         await asyncio.sleep(0.2)
         assert socket.events("clear") == []
-        assert h.transport.output().unplayed_seconds() == 0.0
+        assert h.transport.playout.unplayed_seconds() == 0.0
 
 
 async def test_caller_audio_and_dtmf_reach_the_pipeline_past_bad_input_and_stop_ends_the_call():

@@ -8,7 +8,6 @@ from loguru import logger
 
 from processors.audio import ulaw_decode, ulaw_encode
 from transports.twilio_wire import (
-    CHUNK_BYTES,
     ERROR_KINDS,
     MAX_PAYLOAD_BYTES,
     Connected,
@@ -141,10 +140,10 @@ def test_full_call_sequence():
     ev = state.receive(dtmf(7, "#"))
     assert ev == Dtmf(STREAM, "inbound_track", "#", 7)
 
-    state.outbound_media(np.zeros(800, np.int16), frames=(0, 4))
+    sent_piece(state, 0.1)
     ev = state.receive(mark(8, "a1"))
     assert ev == Mark(STREAM, "a1", 8)
-    assert state.heard_frames == 4
+    assert state.playout.heard_seconds == pytest.approx(0.1)
 
     ev = state.receive(stop(9))
     assert ev == Stop(STREAM, ACCOUNT, CALL, None, 9)
@@ -161,79 +160,74 @@ def test_bytes_message_parses():
     assert isinstance(parse_message(start().encode()), Start)
 
 
-def test_outbound_half_second():
-    state = started()
-    pcm = (np.sin(np.arange(4000) / 5) * 8000).astype(np.int16)
-    messages = state.outbound_media(pcm, frames=(0, 6))
-    assert len(messages) == 26
-    parsed = [json.loads(m) for m in messages]
-    assert all(p["streamSid"] == STREAM for p in parsed)
-    chunks = [base64.b64decode(p["media"]["payload"]) for p in parsed[:25]]
-    assert all(p["event"] == "media" for p in parsed[:25])
-    assert [len(c) for c in chunks] == [CHUNK_BYTES] * 25
-    assert b"".join(chunks) == ulaw_encode(pcm)
-    assert parsed[25] == {"event": "mark", "streamSid": STREAM, "mark": {"name": "a1"}}
-    assert state.pending_marks == ("a1",)
+def sent_piece(state: TwilioStreamState, seconds: float) -> str:
+    """Agent audio of `seconds` sent and then marked, as the output transport does; the mark's name."""
+    state.playout.sending(seconds)
+    return json.loads(state.mark())["mark"]["name"]
 
 
-def test_outbound_accepts_bytes_and_short_tail():
+def test_outbound_media_and_mark_name_the_piece_sent():
     state = started()
-    messages = state.outbound_media(np.ones(170, np.int16).tobytes())
-    sizes = [len(base64.b64decode(json.loads(m)["media"]["payload"])) for m in messages[:-1]]
-    assert sizes == [160, 10]
+    pcm = (np.sin(np.arange(160) / 5) * 8000).astype(np.int16)
+    media_msg = json.loads(state.media(ulaw_encode(pcm)))
+    assert media_msg["event"] == "media" and media_msg["streamSid"] == STREAM
+    assert base64.b64decode(media_msg["media"]["payload"]) == ulaw_encode(pcm)
+    assert state.mark() is None  # nothing sent yet: nothing to mark
+    state.playout.sending(0.02)
+    assert json.loads(state.mark()) == {"event": "mark", "streamSid": STREAM, "mark": {"name": "a1"}}
+    assert state.playout.pending_marks == ("a1",)
+    assert state.mark() is None
 
 
 def test_outbound_before_start_is_a_programming_error():
     with pytest.raises(RuntimeError):
-        TwilioStreamState().outbound_media(np.zeros(160, np.int16))
+        TwilioStreamState().media(b"\xff" * 160)
 
 
 def test_marks_echoed_in_order_advance_heard():
     state = started()
-    names = [
-        json.loads(state.outbound_media(np.zeros(1600, np.int16), frames=(i * 10, i * 10 + 10))[-1])
-        for i in range(3)
-    ]
-    names = [n["mark"]["name"] for n in names]
+    names = [sent_piece(state, 0.2) for _ in range(3)]
     assert len(set(names)) == 3
-    assert (state.heard_frames, state.heard_seconds) == (0, 0.0)
-    assert state.mark_echo(names[0]) == 10
-    assert state.heard_seconds == pytest.approx(0.2)
+    assert state.playout.heard_seconds == 0.0
+    assert state.mark_echo(names[0])
+    assert state.playout.heard_seconds == pytest.approx(0.2)
     state.receive(mark(5, names[1]))
-    assert state.heard_frames == 20
-    assert state.heard_seconds == pytest.approx(0.4)
-    assert state.pending_marks == (names[2],)
+    assert state.playout.heard_seconds == pytest.approx(0.4)
+    assert state.playout.pending_marks == (names[2],)
     assert not state.counts
 
 
 def test_out_of_order_echo_counted_and_implies_earlier_heard():
     state = started()
-    for i in range(3):
-        state.outbound_media(np.zeros(160, np.int16), frames=(i, i + 1))
-    assert state.mark_echo("a2") == 2
+    for _ in range(3):
+        sent_piece(state, 0.02)
+    assert state.mark_echo("a2")
+    assert state.playout.heard_seconds == pytest.approx(0.04)
     assert state.counts == {"mark_out_of_order": 1}
-    assert state.pending_marks == ("a3",)
-    assert state.mark_echo("a1") == 2  # already counted as heard
+    assert state.playout.pending_marks == ("a3",)
+    assert not state.mark_echo("a1")  # already counted as heard
+    assert state.playout.heard_seconds == pytest.approx(0.04)
     assert state.counts["unknown_mark"] == 1
 
 
 def test_clear_drops_unechoed_marks():
     state = started()
-    state.outbound_media(np.zeros(800, np.int16), frames=(0, 5))
-    state.outbound_media(np.zeros(800, np.int16), frames=(5, 10))
-    state.outbound_media(np.zeros(800, np.int16), frames=(10, 15))
+    for _ in range(3):
+        sent_piece(state, 0.1)
     state.mark_echo("a1")
     assert json.loads(state.clear()) == {"event": "clear", "streamSid": STREAM}
-    assert state.pending_marks == ()
+    assert state.playout.pending_marks == ()
+    assert state.playout.unplayed_seconds() == pytest.approx(0.2)
     # Twilio echoes the cleared marks right after `clear`: discarded audio, not heard, and not an error.
     assert state.receive(mark(10, "a2")) == Mark(STREAM, "a2", 10)
     state.mark_echo("a3")
-    assert state.heard_frames == 5
-    assert state.heard_seconds == pytest.approx(0.1)
+    assert state.playout.heard_seconds == pytest.approx(0.1)
     assert not state.counts
     # Marks sent after the clear work as before.
-    state.outbound_media(np.zeros(800, np.int16), frames=(20, 25))
-    assert state.mark_echo("a4") == 25
+    sent_piece(state, 0.1)
+    state.mark_echo("a4")
+    assert state.playout.heard_seconds == pytest.approx(0.2)
+    assert state.clear() is None  # nothing left at Twilio to clear
 
 
 def _with(builder, edit) -> str:
@@ -283,7 +277,7 @@ def test_mark_out_of_order_logged_once_per_call(warnings_logged):
     for _ in range(2):  # a new call logs again
         state = started()
         for _ in range(4):
-            state.outbound_media(np.zeros(160, np.int16))
+            sent_piece(state, 0.02)
         state.mark_echo("a2")
         state.mark_echo("a4")
         assert state.counts == {"mark_out_of_order": 2}
@@ -351,7 +345,7 @@ def test_fuzzed_messages_never_raise():
     rng = random.Random(20261122)
     valid = [connected(), start(), media(2, 1, caller_ulaw(160)), dtmf(3), mark(4, "a1"), stop(5)]
     state = started()
-    state.outbound_media(np.zeros(160, np.int16))
+    sent_piece(state, 0.02)
     dropped = 0
     for _ in range(300):
         text = _mutations(rng, rng.choice(valid))
