@@ -31,10 +31,10 @@ import websockets
 from twilio.request_validator import RequestValidator
 
 from processors.audio import ulaw_decode, ulaw_encode
-from transports.twilio_wire import CHUNK_BYTES as FRAME  # samples (and mu-law bytes) per 20 ms
 from transports.twilio_wire import TWILIO_RATE as RATE
 
 TICK = 0.02
+FRAME = round(RATE * TICK)  # samples (and mu-law bytes) per 20 ms
 ULAW_SILENCE = b"\xff" * FRAME
 # An empty stretch at least this long ends a reply: replies are separated by the caller's own turn.
 REPLY_BREAK_SECS = 0.5
