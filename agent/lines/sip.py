@@ -127,7 +127,7 @@ class SipCalls:
             self.runtime.release(key)
             raise
         # CANCEL or BYE came while we bound the ports: the server will not call end() for us.
-        if getattr(dialog, "ended", False):
+        if dialog.ended:
             session.close()
             self.runtime.release(key)
             raise CallRejected(487)
