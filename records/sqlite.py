@@ -8,6 +8,7 @@ A crash of the process (not of the machine) loses nothing committed.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,7 @@ class SqliteStore(SqlStore):
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._use_wal()
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate(str(self.path))
@@ -57,6 +58,19 @@ class SqliteStore(SqlStore):
             raise StoreError(f"{self.path}: not a usable call records database ({exc})") from exc
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot create the call records database ({exc.strerror})") from exc
+
+    def _use_wal(self) -> None:
+        """Switch the file to WAL. SQLite answers this pragma "locked" at once, without waiting out the
+        busy timeout, while another connection is opening the same new file; so it is retried here."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[_Query]:

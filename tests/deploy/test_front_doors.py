@@ -208,7 +208,12 @@ async def test_a_drained_server_finishes_its_calls_takes_no_new_ones_and_exits_0
     draining, other = doors.servers[1], doors.servers[0]
     await wait_for(lambda: draining.calls_active() + other.calls_active() == 0, 20, "the servers idle")
     held = doors.sipp(calls=2, rate=10, hold_ms=6000, timeout=40)
-    await wait_for(lambda: draining.calls_active() >= 1, 20, "a call on server 1")
+    # Both held calls running before the drain, so the count below sees only the fresh ones.
+    await wait_for(
+        lambda: draining.calls_active() >= 1 and draining.calls_active() + other.calls_active() >= 2,
+        20,
+        "both held calls up, one on server 1",
+    )
     draining.signal(signal.SIGTERM)
     await wait_for(lambda: draining.readyz()[1].get("reason") == "draining", 10, "server 1 draining")
     before = doors.sip_calls()
