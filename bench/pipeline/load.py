@@ -539,7 +539,7 @@ CONCURRENCY_NOTES = """
   model cost on either side. Callers: 1.5 s of espeak-ng speech, 3 s of silence, repeated, 20 ms
   frames at real time, measured over {secs:g} s with all calls streaming.
 - pipecat: `pipecat_baseline.py server` as documented in pipecat-baseline.md (VADProcessor +
-  UserTurnProcessor, VAD at 8 kHz, pipecat's default observers). Ours: agent/runtime.py's call
+  UserTurnProcessor, VAD at 8 kHz, pipecat's default observers). Ours: agent/call.py's call
   pipeline (user aggregator with VAD and end of turn, ChromaS2SService, output, PlayoutTracker,
   assistant aggregator; no observers), VAD at 16 kHz (the serializer resamples 8 → 16 kHz), webrtcvad
   mode 2, 20 ms frames, start/stop 0.2 s, confidence 0.7, min volume 0.6 as the baseline, plus our
