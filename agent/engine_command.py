@@ -12,8 +12,18 @@ import argparse
 import asyncio
 import signal
 import socket
+import sys
 
 DEFAULT_PORT = 7400
+
+
+def tiny_engine_command(port: int, max_sessions: int, *extra: str) -> list[str]:
+    """The command line of `chroma-agent engine` on the tiny model and the CPU, on loopback `port`: the
+    engine the tests and benchmarks start in a process of its own."""
+    return [
+        sys.executable, "-m", "agent.cli", "engine", "--model", "tiny", "--device", "cpu",
+        "--port", str(port), "--max-sessions", str(max_sessions), *extra,
+    ]  # fmt: skip
 
 
 def declare(subparsers, usage_error: type[Exception]) -> None:

@@ -72,24 +72,11 @@ class EngineProcess:
         self.log_path = log_path
 
     def __enter__(self) -> str:
+        from agent.engine_command import tiny_engine_command
+
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "engine",
-                "--model",
-                "tiny",
-                "--device",
-                "cpu",
-                "--port",
-                str(self.port),
-                "--max-sessions",
-                str(self.max_sessions),
-                "--log-level",
-                "WARNING",
-            ],
+            tiny_engine_command(self.port, self.max_sessions, "--log-level", "WARNING"),
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -274,7 +261,7 @@ def _run_load(tool: Path, server, calls: int, seconds: float, caller_wav: Path, 
 
 def run_servers(args, folder: Path) -> dict:
     from bench.pipeline.common import REPLY_SECS, StandInModel
-    from bench.pipeline.load import LOAD_SENTENCE, Server, Speech, carried, free_port
+    from bench.pipeline.load import LOAD_SENTENCE, Server, Speech, carried, free_port, ours_command
     from processors.chroma.engine_server import EngineThread
 
     tool = _load_tool(args.load_tool)
@@ -299,16 +286,7 @@ def run_servers(args, folder: Path) -> dict:
                     url,
                 ]
                 if engine == "in process":
-                    command = [
-                        sys.executable,
-                        "-m",
-                        "bench.pipeline",
-                        "server",
-                        "--port",
-                        str(port),
-                        "--vad",
-                        "webrtc",
-                    ]
+                    command = ours_command(port)
                 servers.append(
                     Server(
                         f"call server {i + 1}",

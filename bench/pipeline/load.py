@@ -264,13 +264,18 @@ class Server:
             self._log.close()
 
 
+def ours_command(port: int, *extra: str) -> list[str]:
+    """Our benchmark server's command line (`python -m bench.pipeline server`), webrtcvad, on `port`."""
+    return [sys.executable, "-m", "bench.pipeline", "server", "--port", str(port), "--vad", "webrtc", *extra]
+
+
 def make_servers(args, folder: Path) -> list[Server]:
     py = sys.executable
     servers = []
 
     def ours() -> Server:
         port = free_port()
-        command = [py, "-m", "bench.pipeline", "server", "--port", str(port), "--vad", "webrtc"]
+        command = ours_command(port)
         return Server(
             "chroma-agents (webrtcvad)", "ours", "webrtc", command, port, folder / "server-ours-webrtc.log"
         )
@@ -308,17 +313,7 @@ def make_servers(args, folder: Path) -> list[Server]:
                 "chroma-agents (webrtcvad), no gc.freeze() [ablation]",
                 "ours-ablation",
                 "webrtc",
-                [
-                    py,
-                    "-m",
-                    "bench.pipeline",
-                    "server",
-                    "--port",
-                    str(port),
-                    "--vad",
-                    "webrtc",
-                    "--no-gc-freeze",
-                ],
+                ours_command(port, "--no-gc-freeze"),
                 port,
                 folder / "server-ours-webrtc-no-gc-freeze.log",
             )

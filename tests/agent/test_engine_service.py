@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from agent.cli import main
+from agent.engine_command import tiny_engine_command
 from agent.runtime import AgentRuntime
 from agent.simulate import simulate_call
 from agent.spec import AgentFileError, load_agent
@@ -64,20 +65,7 @@ def engine_process(max_sessions: int = 8):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "engine",
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--port",
-            str(port),
-            "--max-sessions",
-            str(max_sessions),
-        ],
+        tiny_engine_command(port, max_sessions),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
