@@ -241,7 +241,8 @@ class Baresip:
             await asyncio.wait_for(self._process.wait(), 3.0)
         except TimeoutError:  # it waits out the transactions of a call that never connected
             logger.debug("baresip did not quit in 3 s; killing it")
-            self._process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
+                self._process.kill()
             await self._process.wait()
         self._watch.cancel()
         self._events.cancel()
@@ -264,7 +265,8 @@ async def launch(folder: Path, config: Path, ctrl_port: int):
             return process, reader, writer
         except OSError:
             if process.returncode is not None or time.monotonic() > deadline:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):  # already exited: its log says why
+                    process.kill()
                 await process.wait()
                 raise RuntimeError(f"baresip did not start its control port: {Baresip._log_tail(folder)}") from None
             await asyncio.sleep(0.05)
